@@ -1,0 +1,314 @@
+"""MNIST as normalized tensors in memory, with an offline mirror, checksums and safe writes.
+
+torchvision downloads and parses the IDX files. Everything after that is tensor indexing: the
+60k training images are normalized once, and every batch is a slice of those tensors, which is
+what makes an epoch cost about as much as a plain PyTorch loop.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import lightning as L
+import torch
+from filelock import FileLock
+from torch import Tensor
+
+from mnist_lit.config import MNIST_FILES, MNIST_SHA256
+from mnist_lit.errors import DataError
+
+_IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
+_IMAGE_SHAPE = (28, 28)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_idx(path: Path, kind: str) -> int:
+    """Check an uncompressed IDX file's header against its size; return its item count.
+
+    torchvision's parser trusts the header, so a wrong magic number or a truncated payload
+    would otherwise surface as a reshape error deep inside torch.
+    """
+    expected_magic = _IDX_MAGIC[kind]
+    ndim = expected_magic & 0xFF
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        header = file.read(4 + 4 * ndim)
+    if len(header) < 4 + 4 * ndim:
+        raise DataError(f"{path}: file is too short to be an IDX {kind} file ({size} bytes).")
+    (magic,) = struct.unpack(">i", header[:4])
+    if magic != expected_magic:
+        raise DataError(
+            f"{path}: wrong IDX magic number {magic:#010x}, expected {expected_magic:#010x} "
+            f"for MNIST {kind}; the file is not an MNIST {kind} file."
+        )
+    dims = struct.unpack(f">{ndim}i", header[4:])
+    if kind == "images" and tuple(dims[1:]) != _IMAGE_SHAPE:
+        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, MNIST images are 28x28.")
+    if size != len(header) + math.prod(dims):
+        raise DataError(
+            f"{path}: header promises {dims[0]} {kind} ({len(header) + math.prod(dims)} bytes) "
+            f"but the file has {size} bytes; it is truncated or corrupt."
+        )
+    return dims[0]
+
+
+def _source_in_mirror(mirror: Path, name: str) -> Path | None:
+    for candidate in (mirror / name, mirror / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _copy_payload(source: Path, target: Path) -> None:
+    """Write `source`'s uncompressed payload to `target` atomically (temporary name, then rename)."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        opener = gzip.open if source.suffix == ".gz" else open
+        with opener(source, "rb") as src, open(partial, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.replace(partial, target)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DataError(f"{source}: cannot read it ({err}); replace it with an intact copy.") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def ensure_mnist(raw_dir: Path, mirror: str | None, sha256: Mapping[str, str]) -> None:
+    """Make `raw_dir` hold the four verified, uncompressed MNIST files.
+
+    Sources, in order: files already there, the local `mirror` folder, torchvision's download.
+    Safe to call from several processes at once: a file lock serializes them and every file is
+    renamed into place only once complete and verified.
+    """
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(raw_dir / ".lock"):
+        missing = [key for key, name in MNIST_FILES.items() if not _is_verified(raw_dir / name, sha256[key])]
+        if not missing:
+            return
+        if mirror:
+            _fetch_from_mirror(Path(mirror), raw_dir, missing)
+        else:
+            _download(raw_dir.parent.parent, missing)
+        for key in missing:
+            path = raw_dir / MNIST_FILES[key]
+            actual = sha256_of(path)
+            if actual != sha256[key]:
+                path.unlink()
+                source = f"mirror {mirror}" if mirror else "the download"
+                raise DataError(
+                    f"{MNIST_FILES[key]} from {source} has sha256 {actual}, expected {sha256[key]}; "
+                    "the file is corrupt or not the official MNIST file. Replace it with an intact copy."
+                )
+
+
+def _is_verified(path: Path, expected: str) -> bool:
+    return path.is_file() and sha256_of(path) == expected
+
+
+def _fetch_from_mirror(mirror: Path, raw_dir: Path, keys: list[str]) -> None:
+    if not mirror.is_dir():
+        raise DataError(
+            f"MNIST mirror {mirror} is not a folder. Point data.mirror (or MNIST_MIRROR) at a folder "
+            f"holding {', '.join(MNIST_FILES.values())} (each may be gzipped)."
+        )
+    sources = {key: _source_in_mirror(mirror, MNIST_FILES[key]) for key in keys}
+    absent = [MNIST_FILES[key] for key, source in sources.items() if source is None]
+    if absent:
+        raise DataError(
+            f"MNIST mirror {mirror} lacks {', '.join(absent)} (looked for each name with and "
+            "without .gz). Copy the missing files there, or unset data.mirror/MNIST_MIRROR to download."
+        )
+    for key, source in sources.items():
+        _copy_payload(source, raw_dir / MNIST_FILES[key])
+
+
+def _download(root: Path, keys: list[str]) -> None:
+    from torchvision.datasets import MNIST
+
+    try:
+        MNIST(str(root), train=True, download=True)
+    except Exception as err:  # torchvision raises bare RuntimeError/URLError after trying its mirrors
+        names = ", ".join(MNIST_FILES[key] for key in keys)
+        raise DataError(
+            f"MNIST is not in {root / 'MNIST' / 'raw'} (missing or unverified: {names}) and the "
+            f"download failed ({err}). Offline, put the four files (gzipped or not) in a folder and "
+            "set MNIST_MIRROR=/that/folder or data.mirror=/that/folder."
+        ) from None
+
+
+def load_split(raw_dir: Path, train: bool, mean: float, std: float) -> tuple[Tensor, Tensor]:
+    """Parse one split with torchvision and normalize it once: float32 [N, 784] and int64 [N]."""
+    from torchvision.datasets import MNIST
+
+    prefix = "train" if train else "test"
+    count = check_idx(raw_dir / MNIST_FILES[f"{prefix}_images"], "images")
+    label_count = check_idx(raw_dir / MNIST_FILES[f"{prefix}_labels"], "labels")
+    if count != label_count:
+        raise DataError(
+            f"{raw_dir}: {count} {prefix} images but {label_count} labels; the files do not belong together."
+        )
+    dataset = MNIST(str(raw_dir.parent.parent), train=train, download=False)
+    labels = dataset.targets.long()
+    if labels.numel() and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{raw_dir / MNIST_FILES[f'{prefix}_labels']}: labels outside 0-9.")
+    images = dataset.data.reshape(count, -1).float().div_(255).sub_(mean).div_(std)
+    return images, labels
+
+
+class EpochShuffle:
+    """The row order of one epoch: a fresh permutation per epoch from (seed, epoch), cut into
+    one disjoint shard per rank.
+
+    Lightning calls `set_epoch` before every epoch (as it does for DistributedSampler), so the
+    order depends only on the epoch number and survives a resume.
+    """
+
+    def __init__(self, num_rows: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.num_rows = num_rows
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.shuffle:  # training: equal shards, so every rank takes the same number of steps
+            return self.num_rows // self.world_size
+        return len(range(self.rank, self.num_rows, self.world_size))
+
+    def indices(self) -> Tensor | None:
+        """Rows of this rank in order; None means all rows in their stored order."""
+        if not self.shuffle:
+            return None if self.world_size == 1 else torch.arange(self.rank, self.num_rows, self.world_size)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_rows, generator=generator)
+        return order[self.rank : len(self) * self.world_size : self.world_size]
+
+
+class TensorBatches:
+    """An iterable of (images, labels) batches sliced from tensors already in memory.
+
+    Replaces DataLoader + Dataset: no per-sample Python, no worker processes, no collation.
+    When the tensors live on a GPU, the batches are drawn there too.
+    """
+
+    batch_sampler = None  # read by Lightning's DataLoader checks; `sampler` does the work
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, sampler: EpochShuffle) -> None:
+        self.images = images
+        self.labels = labels
+        self.batch_size = batch_size
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self.sampler.indices()
+        if order is None:
+            for start in range(0, self.images.shape[0], self.batch_size):
+                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+            return
+        order = order.to(self.images.device)
+        for start in range(0, order.numel(), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            yield self.images[rows], self.labels[rows]
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """MNIST with a 55k/5k train/validation split of the official training set and the official
+    10k test set, normalized with the training-set mean and std."""
+
+    def __init__(
+        self,
+        root: str = "data",
+        mirror: str | None = None,
+        sha256: Mapping[str, str] = MNIST_SHA256,
+        val_size: int = 5000,
+        split_seed: int = 1234,
+        shuffle_seed: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int = 1000,
+        mean: float = 0.1307,
+        std: float = 0.3081,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.raw_dir = Path(root).resolve() / "MNIST" / "raw"
+        self.mirror = mirror
+        self.sha256 = dict(sha256)
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.shuffle_seed = shuffle_seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.mean = mean
+        self.std = std
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def prepare_data(self) -> None:
+        ensure_mnist(self.raw_dir, self.mirror, self.sha256)
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate") and "train" not in self.splits:
+            images, labels = load_split(self.raw_dir, train=True, mean=self.mean, std=self.std)
+            if self.val_size >= images.shape[0]:
+                raise DataError(
+                    f"data.val_size={self.val_size} leaves no training data: the training set has "
+                    f"{images.shape[0]} images. Use a smaller data.val_size."
+                )
+            if self.batch_size > images.shape[0] - self.val_size:
+                raise DataError(
+                    f"data.batch_size={self.batch_size} is larger than the {images.shape[0] - self.val_size} "
+                    "training images. Use a smaller data.batch_size."
+                )
+            # The split has its own seed so that changing the run's seed never moves images
+            # between training and validation.
+            order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.split_seed))
+            val_rows, train_rows = order[: self.val_size], order[self.val_size :]
+            self.splits["train"] = self._to_device(images[train_rows], labels[train_rows])
+            self.splits["val"] = self._to_device(images[val_rows], labels[val_rows])
+        if stage in ("test", "predict") and "test" not in self.splits:
+            self.splits["test"] = self._to_device(*load_split(self.raw_dir, train=False, mean=self.mean, std=self.std))
+
+    def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        # On a GPU the whole dataset (about 200 MB) lives there: no host-to-device copy per step.
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        return images.to(device), labels.to(device)
+
+    def _batches(self, split: str, batch_size: int, shuffle: bool) -> TensorBatches:
+        images, labels = self.splits[split]
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochShuffle(images.shape[0], shuffle, self.shuffle_seed, rank, world_size)
+        return TensorBatches(images, labels, batch_size, sampler)
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches("test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> TensorBatches:
+        return self.test_dataloader()

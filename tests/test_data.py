@@ -1,0 +1,206 @@
+"""The data module on tiny synthetic IDX files: sources, verification, split, normalization, batches."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_lit.config import MNIST_FILES
+from mnist_lit.data import EpochShuffle, MNISTDataModule, TensorBatches, check_idx, ensure_mnist
+from mnist_lit.errors import DataError
+from tests.conftest import SyntheticMNIST, idx_bytes, make_digits
+
+
+def make_datamodule(synthetic: SyntheticMNIST, root: Path, **kwargs: object) -> MNISTDataModule:
+    options = {"val_size": 100, "batch_size": 32, "eval_batch_size": 64, **kwargs}
+    return MNISTDataModule(root=str(root), mirror=str(synthetic.mirror), sha256=synthetic.sha256, **options)
+
+
+@pytest.fixture
+def datamodule(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> MNISTDataModule:
+    dm = make_datamodule(synthetic_mnist, tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    return dm
+
+
+def test_mirror_files_are_copied_uncompressed_and_verified(datamodule: MNISTDataModule) -> None:
+    raw = datamodule.raw_dir
+    assert sorted(path.name for path in raw.iterdir() if not path.name.startswith(".")) == sorted(MNIST_FILES.values())
+    assert check_idx(raw / MNIST_FILES["train_images"], "images") == 600
+    assert not list(raw.glob("*.partial"))
+
+
+def test_split_sizes_and_disjoint_train_val(datamodule: MNISTDataModule) -> None:
+    train_x, _ = datamodule.splits["train"]
+    val_x, _ = datamodule.splits["val"]
+    test_x, _ = datamodule.splits["test"]
+    assert (train_x.shape, val_x.shape, test_x.shape) == ((500, 784), (100, 784), (200, 784))
+    train_rows = {tuple(row.tolist()) for row in train_x}
+    assert not any(tuple(row.tolist()) in train_rows for row in val_x)
+
+
+def test_split_is_fixed_by_split_seed_not_by_run_seed(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    def val_labels(**kwargs: object) -> torch.Tensor:
+        dm = make_datamodule(synthetic_mnist, tmp_path, **kwargs)
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm.splits["val"][0]
+
+    assert torch.equal(val_labels(shuffle_seed=1), val_labels(shuffle_seed=2))
+    assert not torch.equal(val_labels(split_seed=1), val_labels(split_seed=2))
+
+
+def test_normalization_uses_the_given_mean_and_std(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    dm = make_datamodule(synthetic_mnist, tmp_path)
+    dm.prepare_data()
+    dm.setup("test")
+    images, labels = dm.splits["test"]
+    raw, raw_labels = make_digits(200, seed=1)
+    expected = (torch.from_numpy(raw).float().reshape(200, -1) / 255 - 0.1307) / 0.3081
+    assert torch.allclose(images, expected, atol=1e-6)
+    assert torch.equal(labels, torch.from_numpy(raw_labels).long())
+    assert images.dtype == torch.float32
+
+
+def test_training_batches_are_shuffled_per_epoch_and_reproducible(datamodule: MNISTDataModule) -> None:
+    loader = datamodule.train_dataloader()
+    assert len(loader) == 16  # ceil(500 / 32)
+
+    def first_labels(epoch: int) -> list[int]:
+        loader.sampler.set_epoch(epoch)
+        return [label for _, labels in loader for label in labels.tolist()]
+
+    epoch0, epoch1 = first_labels(0), first_labels(1)
+    assert sorted(epoch0) == sorted(datamodule.splits["train"][1].tolist())
+    assert epoch0 != epoch1
+    assert first_labels(0) == epoch0
+
+
+def test_evaluation_batches_are_in_stored_order(datamodule: MNISTDataModule) -> None:
+    images = torch.cat([batch for batch, _ in datamodule.val_dataloader()])
+    assert torch.equal(images, datamodule.splits["val"][0])
+    assert [len(labels) for _, labels in datamodule.test_dataloader()] == [64, 64, 64, 8]
+
+
+def test_ranks_get_disjoint_equal_shards_of_the_same_permutation() -> None:
+    images = torch.arange(103, dtype=torch.float32).unsqueeze(1)
+    labels = torch.arange(103)
+    shards = []
+    for rank in range(2):
+        sampler = EpochShuffle(103, shuffle=True, seed=3, rank=rank, world_size=2)
+        sampler.set_epoch(4)
+        shards.append(torch.cat([y for _, y in TensorBatches(images, labels, 10, sampler)]))
+    assert len(shards[0]) == len(shards[1]) == 51
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    eval_shards = [EpochShuffle(103, shuffle=False, seed=0, rank=rank, world_size=2).indices() for rank in range(2)]
+    assert sorted(torch.cat(eval_shards).tolist()) == list(range(103))
+
+
+def test_existing_verified_files_need_no_source(datamodule: MNISTDataModule) -> None:
+    ensure_mnist(datamodule.raw_dir, mirror=None, sha256=datamodule.sha256)
+
+
+def test_checksum_mismatch_is_reported_and_nothing_is_kept(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    wrong = {**synthetic_mnist.sha256, "train_labels": "0" * 64}
+    raw = tmp_path / "MNIST" / "raw"
+    with pytest.raises(
+        DataError, match=r"train-labels-idx1-ubyte from mirror .* has sha256 [0-9a-f]{64}, expected 0{64}"
+    ):
+        ensure_mnist(raw, str(synthetic_mnist.mirror), wrong)
+    assert not (raw / MNIST_FILES["train_labels"]).exists()
+    assert not list(raw.glob("*.partial"))
+
+
+def test_mirror_missing_a_file_names_it(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    shutil.copytree(synthetic_mnist.mirror, mirror)
+    (mirror / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="lacks t10k-images-idx3-ubyte"):
+        ensure_mnist(tmp_path / "raw", str(mirror), synthetic_mnist.sha256)
+
+
+def test_mirror_that_is_not_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is not a folder"):
+        ensure_mnist(tmp_path / "raw", str(tmp_path / "nowhere"), {key: "0" * 64 for key in MNIST_FILES})
+
+
+def test_no_source_and_no_network_says_what_was_looked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.datasets import MNIST
+
+    # A closed local port: the download fails at once, as it does offline.
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    with pytest.raises(DataError) as error:
+        ensure_mnist(raw, mirror=None, sha256={key: "0" * 64 for key in MNIST_FILES})
+    message = str(error.value)
+    assert str(raw) in message and "train-images-idx3-ubyte" in message and "MNIST_MIRROR" in message
+
+
+def test_truncated_gzip_in_mirror_is_reported(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    shutil.copytree(synthetic_mnist.mirror, mirror)
+    broken = mirror / "train-images-idx3-ubyte.gz"
+    broken.write_bytes(broken.read_bytes()[:500])
+    with pytest.raises(DataError, match=re.escape("train-images-idx3-ubyte.gz: cannot read it")):
+        ensure_mnist(tmp_path / "raw", str(mirror), synthetic_mnist.sha256)
+    assert not list((tmp_path / "raw").glob(".*partial"))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda data: b"\x00\x00\x08\x02" + data[4:], "wrong IDX magic number 0x00000802"),
+        (lambda data: data[:-10], "truncated or corrupt"),
+        (lambda data: data[:6], "too short"),
+    ],
+)
+def test_idx_header_is_checked(tmp_path: Path, mutate, message: str) -> None:
+    images, _ = make_digits(4, seed=0)
+    path = tmp_path / "images"
+    path.write_bytes(mutate(idx_bytes(images)))
+    with pytest.raises(DataError, match=message):
+        check_idx(path, "images")
+
+
+def test_images_that_are_not_28x28_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "images"
+    path.write_bytes(idx_bytes(torch.zeros(3, 32, 32, dtype=torch.uint8).numpy()))
+    with pytest.raises(DataError, match="images are 32x32, MNIST images are 28x28"):
+        check_idx(path, "images")
+
+
+def test_image_and_label_counts_must_agree(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    shutil.copytree(synthetic_mnist.mirror, mirror)
+    _, labels = make_digits(599, seed=0)
+    payload = idx_bytes(labels)
+    (mirror / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(payload))
+    sha = {**synthetic_mnist.sha256, "train_labels": hashlib.sha256(payload).hexdigest()}
+    dm = MNISTDataModule(root=str(tmp_path / "data"), mirror=str(mirror), sha256=sha, val_size=100)
+    dm.prepare_data()
+    with pytest.raises(DataError, match="600 train images but 599 labels"):
+        dm.setup("fit")
+
+
+def test_validation_set_that_leaves_no_training_data(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    dm = make_datamodule(synthetic_mnist, tmp_path, val_size=600)
+    dm.prepare_data()
+    with pytest.raises(
+        DataError, match=re.escape("data.val_size=600 leaves no training data: the training set has 600 images")
+    ):
+        dm.setup("fit")
+
+
+def test_batch_larger_than_the_training_set(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    dm = make_datamodule(synthetic_mnist, tmp_path, batch_size=501)
+    dm.prepare_data()
+    with pytest.raises(DataError, match=re.escape("data.batch_size=501 is larger than the 500 training images")):
+        dm.setup("fit")

@@ -1,0 +1,125 @@
+"""The plain MLP and the LightningModule's loss, metrics, optimizers and checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mnist_lit.model import MLP
+from mnist_lit.module import MNISTClassifier
+
+
+@pytest.mark.parametrize(
+    ("hidden", "widths", "parameters"),
+    [
+        ([], [(784, 10)], 7850),
+        ([128, 64], [(784, 128), (128, 64), (64, 10)], 109386),
+        ([128, 64, 32], [(784, 128), (128, 64), (64, 32), (32, 10)], 111146),
+        ([256, 128, 64], [(784, 256), (256, 128), (128, 64), (64, 10)], 242762),
+    ],
+)
+def test_mlp_layer_shapes(hidden: list[int], widths: list[tuple[int, int]], parameters: int) -> None:
+    model = MLP(hidden)
+    linears = [layer for layer in model.modules() if isinstance(layer, nn.Linear)]
+    assert [(layer.in_features, layer.out_features) for layer in linears] == widths
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    for images in (torch.randn(5, 784), torch.randn(5, 1, 28, 28)):
+        assert model(images).shape == (5, 10)
+
+
+def test_output_logits_have_no_activation() -> None:
+    torch.manual_seed(0)
+    model = MLP([16])
+    assert isinstance(model.layers[-1], nn.Linear)
+    logits = model(torch.randn(64, 784))
+    assert (logits < 0).any()  # a ReLU on the logits would clip these
+
+
+def test_dropout_layers_only_when_asked() -> None:
+    assert not any(isinstance(layer, nn.Dropout) for layer in MLP([32, 16]).modules())
+    assert sum(isinstance(layer, nn.Dropout) for layer in MLP([32, 16], dropout=0.5).modules()) == 2
+
+
+def test_metrics_match_values_computed_by_hand() -> None:
+    module = MNISTClassifier(hidden=[], num_classes=3)
+    # Six samples, three classes; predictions by argmax of these logits: 0, 1, 1, 2, 0, 2.
+    logits = torch.tensor(
+        [[5.0, 0, 0], [0, 5.0, 0], [0, 5.0, 0], [0, 0, 5.0], [5.0, 0, 0], [0, 0, 5.0]], requires_grad=False
+    )
+    labels = torch.tensor([0, 1, 0, 2, 1, 2])
+    module.test_metrics.update(logits, labels)
+    values = {key: value.item() for key, value in module.test_metrics.compute().items()}
+    # Class 0: tp 1, fp 1, fn 1; class 1: tp 1, fp 1, fn 1; class 2: tp 2, fp 0, fn 0.
+    precision = (1 / 2 + 1 / 2 + 2 / 2) / 3
+    recall = (1 / 2 + 1 / 2 + 2 / 2) / 3
+    f1 = (0.5 + 0.5 + 1.0) / 3
+    assert values["test/acc"] == pytest.approx(4 / 6)
+    assert values["test/precision"] == pytest.approx(precision)
+    assert values["test/recall"] == pytest.approx(recall)
+    assert values["test/f1"] == pytest.approx(f1)
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels)
+    manual_loss = -torch.log_softmax(logits, dim=1)[torch.arange(6), labels].mean()
+    assert expected_loss.item() == pytest.approx(manual_loss.item())
+
+
+def test_predict_step_returns_probabilities() -> None:
+    module = MNISTClassifier(hidden=[8])
+    probabilities = module.predict_step((torch.randn(4, 784), torch.zeros(4)), 0)
+    assert probabilities.shape == (4, 10)
+    assert torch.allclose(probabilities.sum(dim=1), torch.ones(4))
+    assert (probabilities >= 0).all()
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "expected"),
+    [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)],
+)
+def test_optimizer_choice(optimizer: str, expected: type) -> None:
+    module = MNISTClassifier(
+        hidden=[8], optimizer=optimizer, lr=0.05, weight_decay=0.01, momentum=0.8, scheduler="none"
+    )
+    built = module.configure_optimizers()
+    assert type(built) is expected
+    assert built.param_groups[0]["lr"] == 0.05
+    assert built.param_groups[0]["weight_decay"] == 0.01
+    if optimizer == "sgd":
+        assert built.param_groups[0]["momentum"] == 0.8 and built.param_groups[0]["nesterov"]
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "expected"),
+    [("onecycle", torch.optim.lr_scheduler.OneCycleLR), ("cosine", torch.optim.lr_scheduler.CosineAnnealingLR)],
+)
+def test_schedules_step_every_batch_over_the_whole_run(scheduler: str, expected: type) -> None:
+    module = MNISTClassifier(hidden=[8], scheduler=scheduler)
+
+    class FakeTrainer:
+        estimated_stepping_batches = 1234
+
+    module._trainer = FakeTrainer()  # type: ignore[assignment]
+    built = module.configure_optimizers()
+    lr_scheduler = built["lr_scheduler"]
+    assert isinstance(lr_scheduler["scheduler"], expected)
+    assert lr_scheduler["interval"] == "step"
+    total = lr_scheduler["scheduler"].total_steps if scheduler == "onecycle" else lr_scheduler["scheduler"].T_max
+    assert total == 1234
+
+
+def test_unknown_choices_are_refused() -> None:
+    with pytest.raises(ValueError, match="optimizer='rmsprop': choose one of adam, adamw, sgd"):
+        MNISTClassifier(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="scheduler='step'"):
+        MNISTClassifier(scheduler="step")
+
+
+def test_hyperparameters_are_plain_so_checkpoints_load_weights_only(tmp_path: Path) -> None:
+    module = MNISTClassifier(hidden=[32, 16], dropout=0.1)
+    path = tmp_path / "model.pt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["hyper_parameters"]["hidden"] == [32, 16]
+    rebuilt = MNISTClassifier(**loaded["hyper_parameters"])
+    rebuilt.load_state_dict(loaded["state_dict"])
