@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test test-fast sweep tensorboard lint format clean
+.PHONY: install train test test-fast sweep search report results bench predict export tensorboard lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,8 +23,29 @@ test: $(INSTALLED)  ## everything, the slow real-MNIST tests included (they need
 test-fast: $(INSTALLED)
 	$(PYTHON) -m pytest -m "not slow"
 
-sweep: $(INSTALLED)  ## 4 jobs: two architectures x two learning rates
+sweep: $(INSTALLED)  ## 4 jobs: two architectures x two learning rates; side by side: ARGS=hydra/launcher=joblib
 	$(PYTHON) -m mnist_lit.train -m 'model.hidden=[128,64],[256,128]' model.lr=1e-3,3e-3 $(ARGS)
+
+search: $(INSTALLED)  ## short Optuna search, a few minutes on CPU; resume: make search ARGS=hydra.sweep.dir=outputs/multiruns/<sweep>
+	$(PYTHON) -m mnist_lit.train -m hparams_search=optuna hydra.sweeper.n_trials=6 trainer.max_epochs=2 data.batch_size=256 $(ARGS)
+
+report: $(INSTALLED)  ## compare runs: make report RUNS=outputs/multiruns/<sweep> (default: everything under outputs)
+	$(PYTHON) -m mnist_lit.report $(or $(RUNS),outputs) --csv outputs/report.csv --plot outputs/report.png $(ARGS)
+
+results: $(INSTALLED)  ## the default and the tutorial presets over 3 seeds, into README's results table (~10 min on 2 cores)
+	rm -rf outputs/results
+	$(PYTHON) -m mnist_lit.train -m seed=0,1,2 hydra.sweep.dir=outputs/results/default
+	$(PYTHON) -m mnist_lit.train -m experiment=softmax_regression,mlp_128_64,mlp_128_64_32 seed=0,1,2 hydra.sweep.dir=outputs/results/presets
+	$(PYTHON) -m mnist_lit.report outputs/results --by-seed --readme README.md
+
+predict: $(INSTALLED)  ## make predict ARGS="ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt inputs=[photos/]"
+	$(PYTHON) -m mnist_lit.predict $(ARGS)
+
+export: $(INSTALLED)  ## make export ARGS="ckpt_path=... output=model.onnx"
+	$(PYTHON) -m mnist_lit.export $(ARGS)
+
+bench: $(INSTALLED)  ## epoch times of mnist_lit vs the classic pipeline, a plain loop, NumPy; e.g. ARGS="--repeats 3"
+	$(PYTHON) -m mnist_lit.bench --json outputs/bench.json $(ARGS)
 
 tensorboard: $(INSTALLED)
 	$(VENV)/bin/tensorboard --logdir outputs

@@ -1,12 +1,32 @@
-"""Callbacks of our own: the plain per-epoch summary used when output is not a terminal."""
+"""Callbacks of our own: the plain per-epoch summary used when output is not a terminal, and the
+reporting of an Optuna trial's progress to its study (see mnist_lit/search.py)."""
 
 from __future__ import annotations
 
 import logging
+import math
+import signal
+import threading
 import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassPrecision, MulticlassRecall
+
+from mnist_lit.errors import ConfigError, Interrupted, TrainingDiverged
+
+if TYPE_CHECKING:
+    import optuna
+    from matplotlib.figure import Figure
+    from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +45,14 @@ class EpochSummary(Callback):
         self.seconds: float | None = None  # duration of the finished epoch not yet printed
 
     def _print(self, trainer: L.Trainer, epoch: int) -> None:
-        metrics = trainer.callback_metrics
-        values = "  ".join(f"{key} {metrics[key].item():.4f}" for key in SUMMARY_KEYS if key in metrics)
-        log.info(f"epoch {epoch + 1}/{trainer.max_epochs}  {values}  ({self.seconds:.1f}s)")
+        if trainer.is_global_zero:  # under DDP every rank holds the same synced metrics
+            metrics = trainer.callback_metrics
+            values = "  ".join(f"{key} {metrics[key].item():.4f}" for key in SUMMARY_KEYS if key in metrics)
+            log.info(f"epoch {epoch + 1}/{trainer.max_epochs}  {values}  ({self.seconds:.1f}s)")
         self.seconds = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_started_at = time.perf_counter()  # a run resumed mid-epoch gets no epoch start
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.seconds is not None:
@@ -41,3 +65,336 @@ class EpochSummary(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.seconds is not None:
             self._print(trainer, trainer.current_epoch - 1)
+
+
+class TrialPruning(Callback):
+    """Reports `monitor` to an Optuna trial after every validation, and stops the run once the
+    study's pruner judges the trial hopeless (e.g. MedianPruner: worse than the median of earlier
+    trials at the same epoch).
+
+    It stops training the way EarlyStopping does, instead of raising Optuna's TrialPruned. The run
+    still tests its best checkpoint and writes metrics.json, with status "pruned", so reports list
+    the trial with its numbers. The study is told here, so the sweeper records the trial as pruned.
+    Under DDP rank 0 reports and decides, and every rank follows its decision. A rank that Lightning
+    started itself is not told the trial, and gets `trial=None`.
+    """
+
+    def __init__(self, trial: optuna.trial.Trial | None, monitor: str = "val/acc") -> None:
+        self.trial = trial
+        self.monitor = monitor
+        self.stop_reason: str | None = None  # becomes the run's status in metrics.json
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        trial = self.trial if trainer.is_global_zero else None  # the one rank that reports
+        prune = False
+        if trial is not None:
+            if self.monitor not in trainer.callback_metrics:
+                raise ConfigError(
+                    f"hydra.sweeper.monitor={self.monitor!r} is not a metric this run logs; "
+                    f"use one of {sorted(trainer.callback_metrics)}"
+                )
+            value = trainer.callback_metrics[self.monitor].item()
+            trial.report(value, step=trainer.current_epoch)
+            # After the last epoch there is nothing left to save: the trial completes.
+            prune = trainer.current_epoch + 1 < trainer.max_epochs and trial.should_prune()
+        # Every rank must stop together, or DDP waits forever for the ones still training.
+        if not trainer.strategy.broadcast(prune, src=0):
+            return
+        trainer.should_stop = True
+        self.stop_reason = "pruned"
+        if trial is not None:
+            from optuna.trial import TrialState
+
+            epoch = trainer.current_epoch + 1
+            log.info(f"Optuna trial {trial.number} pruned after epoch {epoch}: {self.monitor} {value:.4f}")
+            trial.study.tell(trial.number, state=TrialState.PRUNED)
+
+
+# Where a check costs a collective operation (DDP) or a wait for the accelerator, it runs only
+# every this many steps.
+CHECK_EVERY_N_STEPS = 32
+# The checkpoint entry with what Lightning does not restore itself (see GracefulStop).
+RESUME_STATE = "mnist_lit_resume_state"
+
+
+class GracefulStop(Callback):
+    """Ctrl-C (SIGINT) or SIGTERM stops training between two batches, after writing `ckpt_path`,
+    a checkpoint that continues exactly where training stopped; a second Ctrl-C stops at once.
+
+    The stop never follows an epoch's last batch: that epoch's validation and checkpoint come
+    first, and training stops after the next batch. Every checkpoint of the run also carries
+    what an exact continuation needs beyond Lightning's own state: torch's random number
+    generator states (dropout, augmentation) and how far the epoch's training batches have got.
+    (Lightning stores the latter too, but does not restore it when configure_optimizers reads
+    `estimated_stepping_batches`, as ours does: that builds the loader before the state is loaded.)
+    """
+
+    def __init__(self, ckpt_path: Path) -> None:
+        self.ckpt_path = ckpt_path
+        self.received: int | None = None
+        self.previous_handlers: dict[int, Any] = {}
+        self.resume_state: dict[str, Any] | None = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # No printing here: the signal may arrive in the middle of a write to the same stream.
+        if self.received is not None:
+            self._restore_handlers()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.previous_handlers = {}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        loader = trainer.train_dataloader
+        checkpoint[RESUME_STATE] = {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "train_batches": loader.state_dict() if hasattr(loader, "state_dict") else None,
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.resume_state = checkpoint.get(RESUME_STATE)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Applied as late as possible: nothing may draw random numbers between here and training.
+        if self.resume_state is not None:
+            state, self.resume_state = self.resume_state, None
+            torch.set_rng_state(state["torch_rng"])
+            if state["cuda_rng"] and len(state["cuda_rng"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            if state["train_batches"] is not None:
+                trainer.train_dataloader.load_state_dict(state["train_batches"])
+        # Replaces the SIGTERM handler Lightning installs for fitting, which may stop in the middle
+        # of a validation, whose partial metrics no checkpoint can hold.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx + 1 == trainer.num_training_batches:
+            return
+        if trainer.world_size > 1:
+            if trainer.global_step % CHECK_EVERY_N_STEPS:
+                return
+            # A signal may reach one rank only (kill <pid>); all ranks must stop at the same step.
+            stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        else:
+            stop = self.received is not None
+        if stop:
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
+            raise Interrupted(self.received or signal.SIGTERM, trainer.global_step, self.ckpt_path)
+
+
+class StopOnDivergence(Callback):
+    """Stops training with `TrainingDiverged` once the training loss is NaN, infinite or above
+    `max_loss` (cross-entropy over 10 classes starts near 2.3; a batch mean of 1000 means the
+    logits have exploded, as Adam does with model.lr=1e4 long before anything overflows).
+
+    The check runs at the latest at an epoch's last batch, before its validation and checkpoint,
+    so the checkpoints on disk stay those of the last good epoch. Reading a value makes the host
+    wait for the accelerator, so there the losses are kept on the device and read together every
+    few steps; the message still names the first bad step. On the CPU every step is checked.
+    """
+
+    def __init__(self, max_loss: float | None = 1e3) -> None:
+        self.max_loss = math.inf if max_loss is None else max_loss
+        self.pending: list[Tensor] = []  # losses not yet checked, all from the current epoch
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        if loss.device.type == "cpu" and trainer.world_size == 1:  # reading it costs 0.2 us here
+            value = loss.item()
+            if not value <= self.max_loss:  # NaN fails it too
+                raise TrainingDiverged(self.message(trainer, value, batch_idx, 0))
+            return
+        self.pending.append(loss.detach())
+        last_of_epoch = batch_idx + 1 == trainer.num_training_batches
+        if not last_of_epoch and len(self.pending) < CHECK_EVERY_N_STEPS:
+            return
+        losses, self.pending = torch.stack(self.pending), []
+        good = losses <= self.max_loss  # False for NaN too
+        # Every rank stops together: a rank left waiting in a collective would hang.
+        if trainer.strategy.reduce_boolean_decision(bool(good.all()), all=True):
+            return
+        bad = int((~good).nonzero()[0]) if not good.all() else len(losses) - 1  # else: on another rank
+        steps_ago = len(losses) - 1 - bad
+        raise TrainingDiverged(self.message(trainer, losses[bad].item(), batch_idx - steps_ago, steps_ago))
+
+    def message(self, trainer: L.Trainer, loss: float, batch_idx: int, steps_ago: int) -> str:
+        what = f"became {loss}" if not math.isfinite(loss) else f"reached {loss:.3g}, above callbacks.max_train_loss"
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        kept = (
+            f"The checkpoints are those of the last good epoch (best: {best})."
+            if best
+            else "No checkpoint was written."
+        )
+        return (
+            f"the training loss {what} at step {trainer.global_step - steps_ago} (epoch {trainer.current_epoch + 1}, "
+            f"batch {batch_idx + 1} of {trainer.num_training_batches}); training stopped. Likely causes: a learning "
+            f"rate too high for this model and optimizer (it is now {lr:.3g}; lower model.lr, e.g. model.lr=1e-3), "
+            f"or exploding gradients (try trainer.gradient_clip_val=1.0). {kept}"
+        )
+
+
+def tensorboard_writer(trainer: L.Trainer) -> SummaryWriter | None:
+    """The run's TensorBoard writer on global rank 0; None with another logger or on other ranks."""
+    if not isinstance(trainer.logger, TensorBoardLogger) or not trainer.is_global_zero:
+        return None
+    return trainer.logger.experiment
+
+
+class ClassificationReport(Callback):
+    """After testing, shows in TensorBoard what the single numbers hide: the confusion matrix,
+    precision and recall of every class (scalars `test/precision/class_<k>` and a bar chart), and
+    the misclassified test digits the model was most sure of, with true and predicted labels.
+
+    Costs nothing during training: it only runs a second forward pass over the test batches.
+    Under DDP the metrics cover all ranks' test images, the misclassified digits rank 0's.
+    """
+
+    def __init__(self, num_classes: int = 10, max_misclassified: int = 32) -> None:
+        self.num_classes = num_classes
+        self.max_misclassified = max_misclassified
+        self.active = False
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The same on every rank, so all ranks take part in the metrics' sync.
+        self.active = isinstance(trainer.logger, TensorBoardLogger)
+        if not self.active:
+            return
+        num_classes = self.num_classes
+        self.metrics = MetricCollection(
+            {
+                "confusion_matrix": MulticlassConfusionMatrix(num_classes),
+                "precision": MulticlassPrecision(num_classes, average=None),
+                "recall": MulticlassRecall(num_classes, average=None),
+            }
+        ).to(pl_module.device)
+        # Per batch: the misclassified images, their true labels, predictions and confidences.
+        self.mistakes: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self.active:
+            return
+        images, labels = batch
+        probabilities = pl_module(images).softmax(dim=-1)
+        self.metrics.update(probabilities, labels)
+        confidence, predicted = probabilities.max(dim=-1)
+        wrong = predicted != labels
+        self.mistakes.append((images[wrong], labels[wrong], predicted[wrong], confidence[wrong]))
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.active:
+            return
+        values = {key: value.cpu() for key, value in self.metrics.compute().items()}  # synced across ranks
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            return
+        step = trainer.global_step
+        for name in ("precision", "recall"):
+            for digit, value in enumerate(values[name].tolist()):
+                writer.add_scalar(f"test/{name}/class_{digit}", value, step)
+        confusion = self.metrics["confusion_matrix"]
+        writer.add_figure("test/confusion_matrix", confusion_figure(confusion, values["confusion_matrix"]), step)
+        writer.add_figure("test/per_class", per_class_figure(values["precision"], values["recall"]), step)
+        images, labels, predicted, confidence = (torch.cat(column).cpu() for column in zip(*self.mistakes, strict=True))
+        top = confidence.argsort(descending=True)[: self.max_misclassified]
+        # Back to [0, 1] pixels with the statistics the data was normalized with.
+        pixels = images[top] * trainer.datamodule.std + trainer.datamodule.mean
+        figure = misclassified_figure(pixels, labels[top], predicted[top], confidence[top])
+        writer.add_figure("test/misclassified", figure, step)
+        self.mistakes = []
+
+
+def confusion_figure(metric: MulticlassConfusionMatrix, counts: Tensor) -> Figure:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 7), layout="constrained")
+    axes = figure.add_subplot()
+    metric.plot(counts, ax=axes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    return figure
+
+
+def per_class_figure(precision: Tensor, recall: Tensor) -> Figure:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4), layout="constrained")
+    axes = figure.add_subplot()
+    digits = torch.arange(len(precision))
+    axes.bar(digits - 0.2, precision, width=0.4, label="precision")
+    axes.bar(digits + 0.2, recall, width=0.4, label="recall")
+    # Start the axis just below the worst class: from 0, bars at 98-100% all look the same.
+    lowest = min(precision.min().item(), recall.min().item())
+    axes.set_ylim(max(0.0, lowest - 0.02), 1.0)
+    axes.set_xticks(digits.tolist())
+    axes.set_xlabel("digit")
+    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    return figure
+
+
+def misclassified_figure(pixels: Tensor, labels: Tensor, predicted: Tensor, confidence: Tensor) -> Figure:
+    """A grid of 28x28 digits, each titled `true -> predicted (confidence)`."""
+    from matplotlib.figure import Figure
+
+    columns = 8
+    rows = max(1, -(-len(pixels) // columns))
+    figure = Figure(figsize=(columns * 1.3, rows * 1.5 + 0.4), layout="constrained")
+    figure.suptitle(f"{len(pixels)} most confident mistakes: true -> predicted (confidence)")
+    for index, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
+        axes.axis("off")
+        if index < len(pixels):
+            axes.imshow(pixels[index].reshape(28, 28), cmap="gray", vmin=0.0, vmax=1.0)
+            title = f"{labels[index].item()} -> {predicted[index].item()} ({confidence[index].item():.2f})"
+            axes.set_title(title, fontsize=9)
+    return figure
+
+
+class ParameterHistograms(Callback):
+    """Histograms of every weight and of its gradient in TensorBoard, once per training epoch:
+    at its last step, before the optimizer's update (Lightning clears the gradients afterwards).
+    Off by default: each costs a pass over all parameters."""
+
+    def __init__(self) -> None:
+        self.last_batch = False
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.last_batch = batch_idx + 1 == trainer.num_training_batches
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        writer = tensorboard_writer(trainer)
+        if not self.last_batch or writer is None:
+            return
+        for name, parameter in pl_module.named_parameters():
+            writer.add_histogram(f"weights/{name}", parameter, trainer.global_step)
+            if parameter.grad is not None:
+                writer.add_histogram(f"gradients/{name}", parameter.grad, trainer.global_step)

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mnist_lit.errors import CheckpointError
+from mnist_lit.files import atomic_path
 from mnist_lit.module import MNISTClassifier
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint under a temporary name next to it, then renames it into place.
+
+    A crash or a kill in the middle of a write leaves the previous checkpoint intact, never a
+    truncated one. (Lightning's own writer goes through the system temp folder, and where that is
+    another file system, it copies the file into place.)
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as partial, open(partial, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the rename makes it the checkpoint
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -20,10 +41,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} does not exist; point ckpt_path at a .ckpt file in <run>/checkpoints/."
         )
-    # Every checkpoint torch.save writes is a zip archive; anything else is damaged or foreign.
-    if not zipfile.is_zipfile(path):
+    # Every checkpoint torch.save writes is a zip archive with a CRC-32 per entry, which torch.load
+    # does not check: without this, a damaged tensor would load as wrong weights.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception:  # damaged or foreign bytes can trip any of zipfile's checks
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (not a zip archive: truncated or corrupt?)."
+        ) from None
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is corrupt: its entry {damaged} does not match its checksum (damaged on disk or in a copy?)."
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -33,9 +62,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} holds objects other than tensors and plain values, so it was not loaded "
             f"(it could run code). Only load checkpoints written by mnist_lit. {culprit}"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+    except Exception as err:  # torch's reader fails in many ways on damaged bytes
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {str(err).splitlines()[0]}"
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {type(err).__name__} {err}"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CheckpointError(
@@ -60,3 +89,19 @@ def load_classifier(path: str | Path) -> tuple[MNISTClassifier, dict[str, Any]]:
         ) from None
     model.eval()
     return model, dict(checkpoint.get("datamodule_hyper_parameters", {}))
+
+
+def check_resumable(path: str | Path, model_hparams: Mapping[str, Any]) -> None:
+    """Refuse, before training starts, a checkpoint to resume from that is unsafe, unreadable, whose
+    weights do not fit its own settings, or whose model settings differ from this run's config."""
+    load_classifier(path)
+    saved = read_checkpoint(path)["hyper_parameters"]
+    differing = {key: (saved[key], value) for key, value in model_hparams.items() if saved.get(key, value) != value}
+    if differing:
+        details = ", ".join(
+            f"model.{key}={ours!r} here but {theirs!r} in the checkpoint" for key, (theirs, ours) in differing.items()
+        )
+        raise CheckpointError(
+            f"{path} was trained with other model settings ({details}). Resume with the settings of the run "
+            "that wrote it, most simply with resume=<its run folder>."
+        )

@@ -7,6 +7,7 @@ cannot express live in `validate`, which runs before any data is touched.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 from enum import Enum
@@ -84,14 +85,27 @@ class DataConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Arguments of `mnist_lit.augment.BatchAugment`, applied to training batches only; all 0: off."""
+
+    max_shift: float = 0.0  # pixels
+    max_rotation: float = 0.0  # degrees
+    max_scale: float = 0.0  # relative, e.g. 0.1: 90% to 110%
+    elastic_alpha: float = 0.0  # Simard's alpha; 0: no elastic distortion
+    elastic_sigma: float = 4.0  # pixels
+
+
+@dataclass
 class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     dropout: float = 0.0
+    input_dropout: float = 0.0  # dropout on the pixels
     optimizer: Optimizer = Optimizer.adam
-    lr: float = 1e-3
+    lr: float = 4e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
     scheduler: Scheduler = Scheduler.onecycle
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -140,6 +154,9 @@ class CallbacksConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     progress: Progress = Progress.auto
     lr_monitor: bool = True
+    test_report: bool = True  # TensorBoard: confusion matrix, per-class precision/recall, misclassified digits
+    histograms: bool = False  # TensorBoard: weight and gradient histograms once per epoch
+    max_train_loss: float | None = 1000.0  # stop with an error above it (and on NaN/inf); null: only NaN/inf
 
 
 @dataclass
@@ -159,6 +176,10 @@ class TrainConfig:
     seed: int = 42
     test: bool = True  # evaluate the best checkpoint on the official test set after fitting
     ckpt_path: str | None = None  # resume fitting from this checkpoint
+    # torch's CPU threads for this run; null: torch's default (all cores, or under the joblib
+    # launcher the cores divided among its parallel jobs). 1 is fastest for these small MLPs.
+    threads: int | None = 1
+    compile: bool = False  # torch.compile the MLP, in place
 
 
 @dataclass
@@ -175,6 +196,30 @@ class EvalConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+@dataclass
+class PredictConfig:
+    ckpt_path: str = "???"
+    # One path or a list of them: image files, and folders whose image files are all read.
+    inputs: Any = "???"
+    output: str | None = None  # a .json or .csv file with one record per input
+    save_preprocessed: str | None = None  # a folder for the 28x28 images the model saw
+    top_k: int = 3  # how many of the most likely digits to print per image
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"  # for onnxruntime and other ONNX runtimes
+    pt2 = "pt2"  # torch.export's ExportedProgram, for torch.export.load
+
+
+@dataclass
+class ExportConfig:
+    ckpt_path: str = "???"
+    format: ExportFormat = ExportFormat.onnx
+    output: str | None = None  # null: the checkpoint's path with .onnx or .pt2
+    verify: bool = True  # compare with PyTorch on the official test set before writing
+    data: DataLocationConfig = field(default_factory=DataLocationConfig)
+
+
 _RUN_TAG = secrets.token_hex(3)
 
 
@@ -183,17 +228,38 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="predict_schema", node=PredictConfig)
+    store.store(name="export_schema", node=ExportConfig)
     # A per-process tag so two runs started in the same second never share a folder; cached,
     # so every job of one sweep resolves the same sweep folder.
     if not OmegaConf.has_resolver("run_tag"):
         OmegaConf.register_new_resolver("run_tag", lambda: _RUN_TAG, use_cache=True)
 
 
+# What checkpointing and early stopping can watch: the metrics the module logs every epoch.
+MONITORABLE = {f"{stage}/{name}" for stage in ("train", "val") for name in ("loss", "acc", "precision", "recall", "f1")}
+MONITORABLE.add("val/acc_best")
+
+
+def require(cfg: DictConfig, key: str, example: str) -> None:
+    """A mandatory key (`???` in the config) that the user left out: say so, with an example."""
+    if OmegaConf.is_missing(cfg, key):
+        raise ConfigError(f"{key} is required, e.g. {example}")
+
+
 def _fail(key: str, value: object, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed: {allowed}.")
 
 
+def _require_finite(values: dict[str, float | None]) -> None:
+    # NaN passes every comparison check below; inf turns the whole run into NaN.
+    for key, value in values.items():
+        if value is not None and not math.isfinite(value):
+            _fail(key, value, "use a finite number")
+
+
 def validate_data(data: DictConfig) -> None:
+    _require_finite({"data.mean": data.mean, "data.std": data.std})
     if data.batch_size <= 0:
         _fail("data.batch_size", data.batch_size, "use a positive integer, e.g. data.batch_size=64")
     if data.eval_batch_size <= 0:
@@ -212,6 +278,17 @@ def validate_data(data: DictConfig) -> None:
 def validate_trainer(trainer: DictConfig) -> None:
     if trainer.max_epochs <= 0:
         _fail("trainer.max_epochs", trainer.max_epochs, "use a positive number of epochs")
+    # The values below Lightning accepts and fails on later, mid-run.
+    for key in ("log_every_n_steps", "check_val_every_n_epoch"):
+        if trainer[key] <= 0:
+            _fail(f"trainer.{key}", trainer[key], "use a positive integer")
+    if trainer.num_sanity_val_steps < -1:
+        _fail("trainer.num_sanity_val_steps", trainer.num_sanity_val_steps, "use -1 (all), 0 (none) or a count")
+    _require_finite({"trainer.gradient_clip_val": trainer.gradient_clip_val})
+    if trainer.gradient_clip_val is not None and trainer.gradient_clip_val < 0:
+        _fail("trainer.gradient_clip_val", trainer.gradient_clip_val, "use null (no clipping) or a value >= 0")
+    if trainer.deterministic not in (True, False, "warn", None):
+        _fail("trainer.deterministic", trainer.deterministic, "use true, false or warn")
     if trainer.accelerator in (Accelerator.gpu, Accelerator.cuda):
         import torch
 
@@ -223,20 +300,54 @@ def validate_trainer(trainer: DictConfig) -> None:
             )
 
 
+def validate_callbacks(callbacks: DictConfig) -> None:
+    for name in ("checkpoint", "early_stopping"):
+        watcher = callbacks[name]
+        if watcher.monitor not in MONITORABLE:
+            _fail(
+                f"callbacks.{name}.monitor", watcher.monitor, f"use a metric logged every epoch: {sorted(MONITORABLE)}"
+            )
+        if watcher.mode not in ("min", "max"):
+            _fail(f"callbacks.{name}.mode", watcher.mode, "use min (e.g. for a loss) or max (e.g. for val/acc)")
+    if callbacks.checkpoint.save_top_k < -1:
+        _fail("callbacks.checkpoint.save_top_k", callbacks.checkpoint.save_top_k, "use -1 (all), 0 (none) or a count")
+    early = callbacks.early_stopping
+    if early.patience is not None and early.patience <= 0:
+        _fail("callbacks.early_stopping.patience", early.patience, "use null or > 0")
+    _require_finite(
+        {"callbacks.early_stopping.min_delta": early.min_delta, "callbacks.max_train_loss": callbacks.max_train_loss}
+    )
+    if callbacks.max_train_loss is not None and callbacks.max_train_loss <= 0:
+        _fail("callbacks.max_train_loss", callbacks.max_train_loss, "use null (NaN/inf only) or a loss > 0, e.g. 1000")
+
+
 def validate(cfg: DictConfig) -> None:
     """Reject values the schema's types allow but training cannot use, before any work starts."""
     model = cfg.model
+    _require_finite(
+        {f"model.{key}": model[key] for key in ("lr", "weight_decay", "momentum", "dropout", "input_dropout")}
+    )
     if any(size <= 0 for size in model.hidden):
         _fail("model.hidden", list(model.hidden), "every layer size must be a positive integer")
     if not 0.0 <= model.dropout < 1.0:
         _fail("model.dropout", model.dropout, "use a probability in [0, 1)")
+    if not 0.0 <= model.input_dropout < 1.0:
+        _fail("model.input_dropout", model.input_dropout, "use a probability in [0, 1)")
     if model.lr <= 0:
         _fail("model.lr", model.lr, "the learning rate must be > 0, e.g. model.lr=1e-3")
     if model.weight_decay < 0:
         _fail("model.weight_decay", model.weight_decay, "use a value >= 0")
     if not 0.0 <= model.momentum < 1.0:
         _fail("model.momentum", model.momentum, "use a value in [0, 1)")
+    augment = model.augment
+    if min(augment.max_shift, augment.max_rotation, augment.max_scale, augment.elastic_alpha) < 0:
+        _fail("model.augment", dict(augment), "magnitudes must be >= 0 (0 turns a distortion off)")
+    if augment.max_scale >= 1:
+        _fail("model.augment.max_scale", augment.max_scale, "use a fraction below 1, e.g. 0.1 for 90%-110%")
+    if augment.elastic_sigma <= 0:
+        _fail("model.augment.elastic_sigma", augment.elastic_sigma, "use a smoothing width > 0 pixels, e.g. 4")
     validate_data(cfg.data)
     validate_trainer(cfg.trainer)
-    if cfg.callbacks.early_stopping.patience is not None and cfg.callbacks.early_stopping.patience <= 0:
-        _fail("callbacks.early_stopping.patience", cfg.callbacks.early_stopping.patience, "use null or > 0")
+    validate_callbacks(cfg.callbacks)
+    if cfg.threads is not None and cfg.threads <= 0:
+        _fail("threads", cfg.threads, "use a positive number of CPU threads, or null for torch's default")

@@ -12,6 +12,7 @@ import hashlib
 import math
 import os
 import struct
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from mnist_lit.config import MNIST_FILES, MNIST_SHA256
 from mnist_lit.errors import DataError
+from mnist_lit.files import atomic_path
 
 _IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
 _IMAGE_SHAPE = (28, 28)
@@ -55,6 +57,8 @@ def check_idx(path: Path, kind: str) -> int:
             f"for MNIST {kind}; the file is not an MNIST {kind} file."
         )
     dims = struct.unpack(f">{ndim}i", header[4:])
+    if dims[0] <= 0:  # torchvision's parser crashes on an empty payload
+        raise DataError(f"{path}: the header promises {dims[0]} {kind}; an MNIST file holds at least one.")
     if kind == "images" and tuple(dims[1:]) != _IMAGE_SHAPE:
         raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, MNIST images are 28x28.")
     if size != len(header) + math.prod(dims):
@@ -74,17 +78,13 @@ def _source_in_mirror(mirror: Path, name: str) -> Path | None:
 
 def _copy_payload(source: Path, target: Path) -> None:
     """Write `source`'s uncompressed payload to `target` atomically (temporary name, then rename)."""
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    opener = gzip.open if source.suffix == ".gz" else open
     try:
-        opener = gzip.open if source.suffix == ".gz" else open
-        with opener(source, "rb") as src, open(partial, "wb") as dst:
+        with atomic_path(target) as partial, opener(source, "rb") as src, open(partial, "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
-        os.replace(partial, target)
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: damaged compressed data
         raise DataError(f"{source}: cannot read it ({err}); replace it with an intact copy.") from None
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def ensure_mnist(raw_dir: Path, mirror: str | None, sha256: Mapping[str, str]) -> None:
@@ -94,25 +94,37 @@ def ensure_mnist(raw_dir: Path, mirror: str | None, sha256: Mapping[str, str]) -
     Safe to call from several processes at once: a file lock serializes them and every file is
     renamed into place only once complete and verified.
     """
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(raw_dir / ".lock"):
-        missing = [key for key, name in MNIST_FILES.items() if not _is_verified(raw_dir / name, sha256[key])]
-        if not missing:
-            return
-        if mirror:
-            _fetch_from_mirror(Path(mirror), raw_dir, missing)
-        else:
-            _download(raw_dir.parent.parent, missing)
-        for key in missing:
-            path = raw_dir / MNIST_FILES[key]
-            actual = sha256_of(path)
-            if actual != sha256[key]:
-                path.unlink()
-                source = f"mirror {mirror}" if mirror else "the download"
-                raise DataError(
-                    f"{MNIST_FILES[key]} from {source} has sha256 {actual}, expected {sha256[key]}; "
-                    "the file is corrupt or not the official MNIST file. Replace it with an intact copy."
-                )
+    try:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(raw_dir / ".lock"):
+            _fill(raw_dir, mirror, sha256)
+    except OSError as err:  # no permission, a file where a folder should be, a full disk
+        raise DataError(
+            f"{err.filename or raw_dir}: {err.strerror or err}. The MNIST files need a readable data.mirror and a "
+            "writable data.root: fix the permissions, or point data.root or data.mirror at other folders."
+        ) from None
+
+
+def _fill(raw_dir: Path, mirror: str | None, sha256: Mapping[str, str]) -> None:
+    for stale in raw_dir.glob(".*.partial"):  # left by a process killed mid-copy; the lock is ours now
+        stale.unlink()
+    missing = [key for key, name in MNIST_FILES.items() if not _is_verified(raw_dir / name, sha256[key])]
+    if not missing:
+        return
+    if mirror:
+        _fetch_from_mirror(Path(mirror), raw_dir, missing)
+    else:
+        _download(raw_dir.parent.parent, missing)
+    for key in missing:
+        path = raw_dir / MNIST_FILES[key]
+        actual = sha256_of(path)
+        if actual != sha256[key]:
+            path.unlink()
+            source = f"mirror {mirror}" if mirror else "the download"
+            raise DataError(
+                f"{MNIST_FILES[key]} from {source} has sha256 {actual}, expected {sha256[key]}; "
+                "the file is corrupt or not the official MNIST file. Replace it with an intact copy."
+            )
 
 
 def _is_verified(path: Path, expected: str) -> bool:
@@ -125,6 +137,8 @@ def _fetch_from_mirror(mirror: Path, raw_dir: Path, keys: list[str]) -> None:
             f"MNIST mirror {mirror} is not a folder. Point data.mirror (or MNIST_MIRROR) at a folder "
             f"holding {', '.join(MNIST_FILES.values())} (each may be gzipped)."
         )
+    if not os.access(mirror, os.R_OK | os.X_OK):
+        raise DataError(f"MNIST mirror {mirror}: Permission denied; make the folder readable (chmod a+rx).")
     sources = {key: _source_in_mirror(mirror, MNIST_FILES[key]) for key in keys}
     absent = [MNIST_FILES[key] for key, source in sources.items() if source is None]
     if absent:
@@ -207,6 +221,10 @@ class TensorBatches:
 
     Replaces DataLoader + Dataset: no per-sample Python, no worker processes, no collation.
     When the tensors live on a GPU, the batches are drawn there too.
+
+    Resumable mid-epoch: `state_dict()` is the epoch of the pass in progress and how many batches
+    it has handed out; after `load_state_dict`, the next pass over that epoch skips them.
+    Checkpoints carry it (see GracefulStop in callbacks.py).
     """
 
     batch_sampler = None  # read by Lightning's DataLoader checks; `sampler` does the work
@@ -216,20 +234,37 @@ class TensorBatches:
         self.labels = labels
         self.batch_size = batch_size
         self.sampler = sampler
+        self.position = {"epoch": 0, "batches": 0}
+        self.resume_at: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = dict(state)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # Runs at the first batch, after Lightning has set the epoch, not when iter() is called.
+        epoch, skip = self.sampler.epoch, 0
+        if self.resume_at is not None and self.resume_at["epoch"] == epoch:
+            skip = self.resume_at["batches"]
+        self.resume_at = None
+        self.position = {"epoch": epoch, "batches": skip}
         order = self.sampler.indices()
-        if order is None:
-            for start in range(0, self.images.shape[0], self.batch_size):
+        if order is not None:
+            order = order.to(self.images.device)
+        num_rows = self.images.shape[0] if order is None else order.numel()
+        for start in range(skip * self.batch_size, num_rows, self.batch_size):
+            self.position["batches"] += 1
+            if order is None:
                 yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
-            return
-        order = order.to(self.images.device)
-        for start in range(0, order.numel(), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            yield self.images[rows], self.labels[rows]
+            else:
+                # index_select: about 5x faster than indexing with a tensor (images[rows]) on a CPU.
+                rows = order[start : start + self.batch_size]
+                yield self.images.index_select(0, rows), self.labels.index_select(0, rows)
 
 
 class MNISTDataModule(L.LightningDataModule):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class MnistLitError(Exception):
@@ -23,11 +25,43 @@ class CheckpointError(MnistLitError):
     """A checkpoint that cannot be loaded safely or does not match its model."""
 
 
+class ExportError(MnistLitError):
+    """An exported model that does not reproduce the PyTorch model it was exported from."""
+
+
+class ReportError(MnistLitError):
+    """Paths given to `mnist_lit.report` that hold no training run, or an output it cannot write."""
+
+
+class TrainingDiverged(MnistLitError):
+    """The training loss became NaN or infinite: the settings, not the code, need changing."""
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal (Ctrl-C, SIGTERM) after writing a checkpoint that resumes it."""
+
+    def __init__(self, signum: int, step: int, ckpt_path: Path) -> None:
+        self.signal = signal.Signals(signum)
+        self.ckpt_path = ckpt_path
+        run_dir = ckpt_path.parent.parent
+        super().__init__(
+            f"{self.signal.name} after step {step}; the run can go on from {ckpt_path}: "
+            f"python -m mnist_lit.train resume={run_dir}"
+        )
+
+
 @contextmanager
 def reported_as_exit() -> Iterator[None]:
-    """Turn project errors into a one-line message and exit code 2 instead of a traceback."""
+    """Turn project errors into a one-line message and exit code 2 instead of a traceback, and a
+    stop on a signal into the shell's exit code for it (130 for Ctrl-C, 143 for SIGTERM)."""
     try:
         yield
     except MnistLitError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except Interrupted as stop:
+        print(f"interrupted: {stop}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signal) from None
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None

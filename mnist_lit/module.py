@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
+from mnist_lit.augment import BatchAugment
 from mnist_lit.model import MLP
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -31,19 +32,49 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
+def make_optimizer(
+    parameters: Iterable[Tensor],
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    scheduler: str,
+    total_steps: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The optimizer and its learning-rate schedule, stepped every batch (None: constant rate).
+
+    Fused: one kernel updates every parameter, where torch's default loops over them in Python;
+    the same update, about 0.2 ms sooner per step on a CPU, a fifth of a batch-64 step.
+    """
+    if optimizer == "sgd":
+        optim: torch.optim.Optimizer = torch.optim.SGD(
+            parameters, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay, fused=True
+        )
+    else:
+        optimizer_class = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+        optim = optimizer_class(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+    if scheduler == "onecycle":
+        return optim, torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=lr, total_steps=total_steps)
+    if scheduler == "cosine":
+        return optim, torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=total_steps)
+    return optim, None
+
+
 class MNISTClassifier(L.LightningModule):
-    """Cross-entropy on the MLP's logits; metrics are updated every step and computed and logged
-    once per epoch, so no step waits on a metric computation."""
+    """Cross-entropy on the MLP's logits; metrics are computed and logged once per epoch, so no
+    step waits on a metric computation."""
 
     def __init__(
         self,
         hidden: Sequence[int] = (128, 64),
         dropout: float = 0.0,
+        input_dropout: float = 0.0,
         optimizer: str = "adam",
-        lr: float = 1e-3,
+        lr: float = 4e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         scheduler: str = "onecycle",
+        augment: Mapping[str, float] | None = None,
         input_size: int = 28 * 28,
         num_classes: int = 10,
     ) -> None:
@@ -54,11 +85,29 @@ class MNISTClassifier(L.LightningModule):
             raise ValueError(f"scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters()
-        self.net = MLP(hidden, dropout, input_size, num_classes)
+        self.net = MLP(hidden, dropout, input_size, num_classes, input_dropout=input_dropout)
+        # Distorts training batches only; no weights, so checkpoints are the same with or without it.
+        self.augment = BatchAugment(**(augment or {}))
         self.train_metrics = classification_metrics(num_classes, "train/")
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.val_acc_best = MaxMetric()
+        # The training averages and the best validation accuracy so far go into checkpoints, so a
+        # run interrupted mid-epoch and resumed reports the numbers of one that never stopped.
+        self.train_loss = MeanMetric(nan_strategy="disable")  # "disable": no host sync per step
+        for metric in (self.train_loss, self.train_metrics, self.val_acc_best):
+            metric.persistent(True)
+        # What each training step hands to the training metrics, until `_update_train_metrics`.
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning notes the hook it is in, `_current_fx_name`, around each of the ~25 hooks it
+        # calls per training step. nn.Module.__setattr__ checks every value for a parameter, buffer
+        # or submodule first: 1 us each time, 4% of a batch-64 step on a CPU. A name needs none.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
@@ -72,7 +121,37 @@ class MNISTClassifier(L.LightningModule):
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train", self.train_metrics)
+        images, labels = batch
+        logits = self.net(self.augment(images))
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        self._pending.append((logits.detach().argmax(dim=1), labels, losses.detach()))
+        return losses.mean()
+
+    def _update_train_metrics(self) -> None:
+        """Give the training metrics what the steps since the last call kept, in one update.
+
+        The metrics only add up counts and sums, so one update per epoch gives the same values as
+        one per step, without torchmetrics' fixed cost per update: about 0.5 ms for these metrics
+        on a CPU, where the whole batch-64 step (forward, backward, Adam) takes 0.7 ms.
+        """
+        if self._pending:
+            predictions, labels, losses = (
+                torch.cat([tensor.to(self.device) for tensor in column]) for column in zip(*self._pending, strict=True)
+            )
+            self._pending = []
+            self.train_metrics.update(predictions, labels)
+            self.train_loss.update(losses)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint written mid-epoch carries the steps not yet given to the training metrics
+        # as they are: the resumed epoch then sums the same values in the same order as one that
+        # never stopped, to the last bit. Joined into three tensors: the checkpoint written after an
+        # epoch's validation would otherwise hold ~2,500 small ones, 0.2 s to save each time.
+        columns = zip(*self._pending, strict=True)
+        checkpoint["pending_train_outputs"] = [tuple(torch.cat(column) for column in columns)] if self._pending else []
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending = list(checkpoint.get("pending_train_outputs", []))  # on the CPU until used
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_metrics)
@@ -91,11 +170,14 @@ class MNISTClassifier(L.LightningModule):
         return values
 
     def on_train_start(self) -> None:
-        # Drop whatever the sanity check put into the validation metrics.
+        # Drop whatever the sanity check put into the validation metrics (it never updates
+        # val_acc_best, which a resumed run must keep).
         self.val_metrics.reset()
-        self.val_acc_best.reset()
 
     def on_train_epoch_end(self) -> None:
+        self._update_train_metrics()
+        self.log("train/loss", self.train_loss.compute())
+        self.train_loss.reset()
         self._log_epoch(self.train_metrics)
 
     def on_validation_epoch_end(self) -> None:
@@ -109,24 +191,13 @@ class MNISTClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(
-                self.parameters(),
-                lr=hp.lr,
-                momentum=hp.momentum,
-                nesterov=hp.momentum > 0,
-                weight_decay=hp.weight_decay,
-            )
-        else:
-            optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
-            optimizer = optimizer_class(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.scheduler == "none":
+        # Only a schedule needs the number of steps, which only the Trainer knows.
+        total_steps = int(self.trainer.estimated_stepping_batches) if hp.scheduler != "none" else 0
+        optimizer, scheduler = make_optimizer(
+            self.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.scheduler, total_steps
+        )
+        if scheduler is None:
             return optimizer
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        if hp.scheduler == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total_steps)
-        else:
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},

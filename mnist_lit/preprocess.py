@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mnist_lit.errors import MnistLitError
+
 # Statistics of the MNIST training set, as used by the usual torchvision Normalize.
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -59,7 +61,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
-class ImageError(ValueError):
+class ImageError(MnistLitError, ValueError):
     """An input cannot be turned into an MNIST digit; the message says which and why."""
 
 
@@ -187,18 +189,19 @@ def _paste_centred(digit: np.ndarray) -> np.ndarray:
     return field
 
 
-def normalize(digit: np.ndarray) -> np.ndarray:
+def normalize(digit: np.ndarray, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> np.ndarray:
     """Turn a 28x28 uint8 digit into the flat float32 vector the MLP was trained on.
 
     Same arithmetic as torchvision's ToTensor (scale to [0, 1]) followed by
-    Normalize(MNIST_MEAN, MNIST_STD), so inputs match the training distribution.
+    Normalize(mean, std); pass the statistics the model was trained with (a
+    checkpoint's data.mean and data.std) so inputs match its training distribution.
     """
     if digit.shape != (MNIST_SIZE, MNIST_SIZE) or digit.dtype != np.uint8:
         raise ValueError(
             f"expected a {MNIST_SIZE}x{MNIST_SIZE} uint8 array, got shape {digit.shape} and dtype {digit.dtype}"
         )
     scaled = digit.astype(np.float32) / 255.0
-    return ((scaled - MNIST_MEAN) / MNIST_STD).reshape(-1)
+    return ((scaled - mean) / std).reshape(-1)
 
 
 def preprocess_file(path: str | os.PathLike[str]) -> np.ndarray:

@@ -1,0 +1,58 @@
+"""Lightning's DDP inside Hydra jobs: single runs, multiruns, and submitit's SLURM and local jobs.
+
+Who starts the processes of a DDP run:
+- Lightning, on one machine: it re-runs the command line (`sys.argv`) for ranks 1..N-1 with
+  `hydra.run.dir=<HydraConfig run.dir> hydra.output_subdir=null` appended (`_hydra_subprocess_cmd`
+  in lightning.fabric.strategies.launchers.subprocess_script). Right for a single run. In a job of
+  a multirun the command line is the whole sweep and `run.dir` is not the job's folder, so every
+  rank would start a sweep of its own in a folder of its own (Lightning issue #11300).
+- SLURM, one task per device: Lightning's SLURMEnvironment reads the ranks from SLURM's variables.
+- submitit's local executor, one task per device: like SLURM, but it sets only its own variables.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import read_write
+
+
+@contextmanager
+def distributed_job() -> Iterator[None]:
+    """Within this context, Lightning's DDP finds or starts the ranks of the current Hydra job.
+
+    In a multirun job, `sys.argv` becomes the job's own overrides and `hydra.run.dir` its folder,
+    so that Lightning re-runs this job alone. Afterwards the launcher's traces are undone, since
+    the next job of the sweep runs in this process: its environment variables (LOCAL_RANK,
+    WORLD_SIZE, MASTER_PORT, ...) would make the next Trainer believe its ranks had been started
+    already, the process group would be reused, and torch would keep the thread count it set for
+    sharing the CPUs between ranks.
+    """
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN:
+        yield
+        return
+    argv, environ, threads = sys.argv, dict(os.environ), torch.get_num_threads()
+    sys.argv = [sys.argv[0], *hydra.overrides.task]
+    with read_write(hydra.run):
+        hydra.run.dir = hydra.runtime.output_dir
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and int(os.environ["SUBMITIT_LOCAL_NTASKS"]) > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # MASTER_ADDR, MASTER_PORT, WORLD_SIZE, LOCAL_RANK: what Lightning reads without SLURM.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

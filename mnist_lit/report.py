@@ -1,0 +1,404 @@
+"""Compare training runs: `python -m mnist_lit.report PATH... [--csv FILE] [--plot FILE] [--by-seed]`.
+
+A run folder is any folder with `.hydra/config.yaml` under the given paths: single runs and the
+jobs of multiruns and Optuna searches alike (eval, predict and export folders have no model and
+are left out). Each run is read from the files it leaves: `.hydra/overrides.yaml`,
+`.hydra/config.yaml` (the layer sizes, for the parameter count) and `metrics.json`. Runs that
+did not complete are listed with their state:
+- the status in their metrics.json ("pruned", "interrupted", "diverged"),
+- "failed": no metrics.json, and the run's log shows an error,
+- "unfinished": no metrics.json and no error. It is still running, or it was killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mnist_lit.errors import ReportError, reported_as_exit
+from mnist_lit.files import atomic_path
+
+INPUT_SIZE = 28 * 28
+NUM_CLASSES = 10
+# The metrics the Markdown table shows (the CSV has every metric of metrics.json).
+TABLE_METRICS = ("val/acc_best", "val/loss", "test/acc", "test/loss", "test/f1")
+# Lines of a run's log that mean it failed: Python's traceback header, and records at level ERROR
+# (conf/hydra/default.yaml writes the level in brackets).
+ERROR_MARKS = ("Traceback (most recent call last)", "[ERROR]")
+
+
+def parameter_count(hidden: Sequence[int], input_size: int = INPUT_SIZE, num_classes: int = NUM_CLASSES) -> int:
+    """Weights and biases of `mnist_lit.model.MLP(hidden)`: one Linear layer between each pair of widths."""
+    widths = [input_size, *hidden, num_classes]
+    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in pairwise(widths))
+
+
+@dataclass
+class Run:
+    path: Path
+    overrides: list[str]
+    hidden: list[int]
+    seed: int | None
+    max_epochs: int | None
+    status: str
+    metrics: dict[str, Any] = field(default_factory=dict)  # metrics.json, empty without one
+    note: str = ""  # for a failed run, the error its log shows
+
+    @property
+    def params(self) -> int:
+        return parameter_count(self.hidden)
+
+    def metric(self, key: str) -> float | None:
+        value = self.metrics.get(key)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _log_error(run_dir: Path) -> str | None:
+    """What the last error in the run's logs says, or None when they show no error."""
+    for log_file in sorted(run_dir.glob("*.log")):
+        lines = log_file.read_text(errors="replace").splitlines()
+        marks = [index for index, line in enumerate(lines) if any(mark in line for mark in ERROR_MARKS)]
+        if not marks:
+            continue
+        first, *rest = lines[marks[-1] :]
+        if ERROR_MARKS[0] in first:
+            # A traceback's indented frames end at the unindented line naming the exception.
+            return next((line for line in rest if line and not line[0].isspace()), first)
+        return first.split("] - ", 1)[-1]  # an ERROR record: its message
+    return None
+
+
+def read_run(run_dir: Path) -> Run | None:
+    """The run in `run_dir`, or None when it is not a training run (eval, predict, export)."""
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+    model = config.get("model")
+    if not isinstance(model, dict) or "hidden" not in model:
+        return None
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = (yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else None) or []
+    run = Run(
+        path=run_dir,
+        overrides=[str(override) for override in overrides],
+        hidden=[int(size) for size in model["hidden"]],
+        seed=config.get("seed"),
+        max_epochs=(config.get("trainer") or {}).get("max_epochs"),
+        status="unfinished",
+    )
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            run.metrics = json.loads(metrics_file.read_text())
+            run.status = str(run.metrics.get("status", "completed"))
+            run.note = str(run.metrics.get("error", ""))  # e.g. why a diverged run stopped
+        except json.JSONDecodeError as error:
+            run.status, run.note = "failed", f"metrics.json is not valid JSON ({error})"
+    elif (error := _log_error(run_dir)) is not None:
+        run.status, run.note = "failed", error
+    return run
+
+
+def find_runs(paths: Iterable[Path]) -> list[Run]:
+    """Every training run under `paths` (each one a run folder or a folder holding some)."""
+    runs: dict[Path, Run] = {}
+    for path in paths:
+        if not path.exists():
+            raise ReportError(f"{path} does not exist; give run folders or folders holding them, e.g. outputs")
+        for config in sorted(path.rglob("config.yaml")):
+            run_dir = config.parent.parent
+            if config.parent.name == ".hydra" and run_dir.resolve() not in runs:
+                run = read_run(run_dir)
+                if run is not None:
+                    runs[run_dir.resolve()] = run
+    if not runs:
+        shown = " ".join(str(path) for path in paths)
+        raise ReportError(f"no training run under {shown}: a run folder holds .hydra/config.yaml with a model")
+    return list(runs.values())
+
+
+def sorted_runs(runs: Iterable[Run], key: str = "val/acc_best") -> list[Run]:
+    """Completed runs first, then the others; each part by best `key` first, runs without it last."""
+    return sorted(
+        runs,
+        key=lambda run: (run.status != "completed", run.metric(key) is None, -(run.metric(key) or 0.0), str(run.path)),
+    )
+
+
+def common_overrides(runs: Sequence[Run]) -> list[str]:
+    """The overrides every run has, in the first run's order (none for a single run)."""
+    if len(runs) < 2:
+        return []
+    shared = set.intersection(*(set(run.overrides) for run in runs))
+    return [override for override in runs[0].overrides if override in shared]
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|") or "—"
+
+
+def markdown_table(runs: Sequence[Run]) -> str:
+    """One row per run (completed first, best val/acc_best first), after the overrides they all share."""
+    runs = sorted_runs(runs)
+    shared = common_overrides(runs)
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.status] = counts.get(run.status, 0) + 1
+    lines = [f"{len(runs)} runs: " + ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))]
+    if shared:
+        lines.append(f"Overrides of every run: `{' '.join(shared)}`")
+    header = ["run", "status", "overrides", "hidden", "params", "epochs", "fit time", *TABLE_METRICS]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
+    for run in runs:
+        status = f"{run.status}: {run.note}" if run.note else run.status
+        epochs = run.metrics.get("epochs")
+        fit_seconds = run.metric("fit_seconds")
+        cells = [
+            _display_path(run.path),
+            status,
+            " ".join(override for override in run.overrides if override not in shared),
+            str(run.hidden),
+            f"{run.params:,}",
+            "—" if epochs is None else f"{epochs}/{run.max_epochs}",
+            "—" if fit_seconds is None else f"{fit_seconds:.1f} s",
+            *(_fmt(run.metric(key)) for key in TABLE_METRICS),
+        ]
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _replace_atomically(path: Path, write: Any) -> None:
+    """Call `write(partial_path)`, then move the finished file to `path`."""
+    if not path.parent.is_dir():
+        raise ReportError(f"cannot write {path}: the folder {path.parent} does not exist")
+    with atomic_path(path) as partial:
+        write(partial)
+
+
+def write_csv(runs: Sequence[Run], path: Path) -> None:
+    """All runs (in the Markdown table's order) with every metric any of them recorded, unrounded."""
+    runs = sorted_runs(runs)
+    metric_keys = sorted({key for run in runs for key, value in run.metrics.items() if run.metric(key) is not None})
+    metric_keys = [key for key in metric_keys if key not in ("epochs", "global_step", "fit_seconds")]
+    header = ["run", "status", "note", "overrides", "hidden", "params", "seed", "epochs", "max_epochs", "fit_seconds"]
+
+    def write(partial: Path) -> None:
+        with partial.open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(header + metric_keys)
+            for run in runs:
+                writer.writerow(
+                    [
+                        _display_path(run.path),
+                        run.status,
+                        run.note,
+                        " ".join(run.overrides),
+                        json.dumps(run.hidden),
+                        run.params,
+                        run.seed,
+                        run.metrics.get("epochs"),
+                        run.max_epochs,
+                        run.metrics.get("fit_seconds"),
+                        *(run.metrics.get(key) for key in metric_keys),
+                    ]
+                )
+
+    _replace_atomically(path, write)
+
+
+def plot(runs: Sequence[Run], path: Path, metric: str = "test/acc") -> int:
+    """A PNG of `metric` against parameter count (log scale) for the completed runs; returns how many."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    points = [run for run in runs if run.status == "completed" and run.metric(metric) is not None]
+    if not points:
+        raise ReportError(f"no completed run has {metric}: nothing to plot (try --plot-metric val/acc_best)")
+    figure, axes = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    axes.scatter([run.params for run in points], [run.metric(metric) for run in points], s=24)
+    for run in points:
+        label = "-".join(map(str, run.hidden)) or "softmax"
+        axes.annotate(label, (run.params, run.metric(metric)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes.set(xscale="log", xlabel="parameters", ylabel=metric, title=f"{metric} against model size")
+    # Short labels (120k, 1.2M) on the minor ticks too: a narrow range has no major tick to label.
+    for axis_formatter in (axes.xaxis.set_major_formatter, axes.xaxis.set_minor_formatter):
+        axis_formatter(EngFormatter(sep=""))
+    axes.grid(True, which="both", alpha=0.3)
+    _replace_atomically(path, lambda partial: figure.savefig(partial, format="png", dpi=150))
+    plt.close(figure)
+    return len(points)
+
+
+@dataclass
+class SeedGroup:
+    """Completed runs of one configuration that differ only in their seed."""
+
+    overrides: list[str]  # without seed=...
+    runs: list[Run]
+
+    @property
+    def hidden(self) -> list[int]:
+        return self.runs[0].hidden
+
+    @property
+    def params(self) -> int:
+        return self.runs[0].params
+
+    def mean_std(self, key: str) -> tuple[float, float | None]:
+        """Mean and sample standard deviation (n - 1) of `key` over the runs; no deviation for one run."""
+        values = [value for run in self.runs if (value := run.metric(key)) is not None]
+        if not values:
+            return math.nan, None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _is_seed(override: str) -> bool:
+    return override.split("=", 1)[0].lstrip("+~") == "seed"
+
+
+def aggregate_seeds(runs: Iterable[Run]) -> list[SeedGroup]:
+    """Group the completed runs whose overrides are equal apart from `seed=`, best mean test/acc first."""
+    groups: dict[tuple[str, ...], SeedGroup] = {}
+    for run in runs:
+        if run.status != "completed":
+            continue
+        overrides = [override for override in run.overrides if not _is_seed(override)]
+        groups.setdefault(tuple(sorted(overrides)), SeedGroup(overrides, [])).runs.append(run)
+    return sorted(groups.values(), key=lambda group: -group.mean_std("test/acc")[0])
+
+
+def _mean_std(group: SeedGroup, key: str, digits: int = 4) -> str:
+    mean, std = group.mean_std(key)
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def seeds_table(groups: Sequence[SeedGroup]) -> str:
+    """Markdown: one row per configuration, metrics as mean ± sample std over its seeds."""
+    lines = [
+        "| overrides | seeds | hidden | params | test/acc | val/acc_best | fit time per run |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for group in groups:
+        seeds = ",".join(str(run.seed) for run in group.runs)
+        cells = [
+            " ".join(group.overrides),
+            f"{len(group.runs)} ({seeds})",
+            str(group.hidden),
+            f"{group.params:,}",
+            _mean_std(group, "test/acc"),
+            _mean_std(group, "val/acc_best"),
+            _mean_std(group, "fit_seconds", digits=1) + " s",
+        ]
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+RESULTS_BEGIN = "<!-- results:begin (written by `make results`; edits here are overwritten) -->"
+RESULTS_END = "<!-- results:end -->"
+
+
+def machine_description() -> str:
+    """CPU model and core count (or the GPU), and the library versions: what the timings depend on."""
+    import platform
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
+    return f"{device}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def write_readme_results(readme: Path, table: str) -> None:
+    """Replace the results block of `readme` (between its markers) with `table` and the machine."""
+    text = readme.read_text()
+    if RESULTS_BEGIN not in text or RESULTS_END not in text:
+        raise ReportError(f"{readme} has no results block: add the lines {RESULTS_BEGIN} and {RESULTS_END}")
+    head, rest = text.split(RESULTS_BEGIN, 1)
+    _, tail = rest.split(RESULTS_END, 1)
+    block = f"{RESULTS_BEGIN}\n{table}\nMachine: {machine_description()}.\n{RESULTS_END}"
+    _replace_atomically(readme, lambda partial: partial.write_text(head + block + tail))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_lit.report",
+        description=(
+            "Compare training runs. Every folder with .hydra/config.yaml under PATH is a run: single "
+            "runs, multirun jobs and Optuna trials. Prints a Markdown table of the runs with their "
+            "overrides, parameter count, epochs, fit time and final metrics: completed runs first, best "
+            "val/acc_best first. The other runs follow with their state: pruned, interrupted or diverged "
+            "(from metrics.json), failed (no metrics.json, an error in the log) or unfinished (still "
+            "running, or killed)."
+        ),
+        epilog="example: python -m mnist_lit.report outputs/multiruns --csv runs.csv --plot runs.png",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a run folder, or a folder holding some")
+    parser.add_argument("--csv", type=Path, metavar="FILE", help="also write every run and metric to this CSV file")
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE", help="also draw a metric against parameter count into this PNG file"
+    )
+    parser.add_argument(
+        "--plot-metric", default="test/acc", metavar="KEY", help="the metric --plot draws (default: test/acc)"
+    )
+    parser.add_argument(
+        "--by-seed",
+        action="store_true",
+        help="print instead one row per configuration: mean ± sample std over runs that differ only in seed=",
+    )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        metavar="FILE",
+        help="with --by-seed: also put the table and this machine into FILE's results block (make results)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    with reported_as_exit():
+        runs = find_runs(args.paths)
+        table = seeds_table(aggregate_seeds(runs)) if args.by_seed else markdown_table(runs)
+        print(table, end="")
+        if args.readme:
+            if not args.by_seed:
+                raise ReportError("--readme writes the per-configuration table: add --by-seed")
+            write_readme_results(args.readme, table)
+            print(f"\nResults written into {args.readme}")
+        if args.csv:
+            write_csv(runs, args.csv)
+            print(f"\nCSV: {args.csv}")
+        if args.plot:
+            count = plot(runs, args.plot, args.plot_metric)
+            print(f"Plot of {count} completed runs: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

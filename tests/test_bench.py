@@ -1,0 +1,96 @@
+"""The speed benchmark in a tiny mode (synthetic data, a few steps), so that it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SyntheticMNIST, run_module
+
+METHODS = ("mnist_lit", "classic", "plain", "numpy", "lightning")
+
+
+@pytest.fixture(scope="module")
+def bench(
+    synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict, subprocess.CompletedProcess[str]]:
+    workdir = tmp_path_factory.mktemp("bench")
+    result = run_module(
+        "mnist_lit.bench",
+        "--device=cpu",
+        "--batch-sizes",
+        "50",
+        "100",
+        "--steps=3",
+        "--repeats=2",
+        "--no-startup",
+        "--json=results/bench.json",
+        *synthetic_mnist.overrides(workdir / "data"),
+        cwd=workdir,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads((workdir / "results" / "bench.json").read_text()), result
+
+
+def test_every_method_is_timed_at_every_batch_size(bench: tuple[dict, subprocess.CompletedProcess[str]]) -> None:
+    report, _ = bench
+    assert sorted(report["batch_sizes"], key=int) == ["50", "100"]  # JSON keys are sorted as text
+    for batch_size, result in report["batch_sizes"].items():
+        assert result["steps"] == 3
+        assert result["samples"] == 3 * int(batch_size)
+        assert set(result["methods"]) == set(METHODS)
+        for values in result["methods"].values():
+            assert len(values["wall_s"]) == len(values["cpu_s"]) == 2
+            assert all(seconds > 0 for seconds in values["wall_s"])
+            assert values["samples_per_s"] == pytest.approx(result["samples"] / values["median_wall_s"], rel=1e-2)
+
+
+def test_ratios_are_of_epoch_times_per_round(bench: tuple[dict, subprocess.CompletedProcess[str]]) -> None:
+    report, _ = bench
+    result = report["batch_sizes"]["50"]
+    mnist_lit, plain = result["methods"]["mnist_lit"], result["methods"]["plain"]
+    per_round = sorted(a / c for a, c in zip(mnist_lit["wall_s"], plain["wall_s"], strict=True))
+    assert result["time_ratios"]["mnist_lit/plain"]["wall"] == pytest.approx(sum(per_round) / 2, rel=1e-2)
+    assert set(result["time_ratios"]) == {"mnist_lit/plain", "classic/mnist_lit", "lightning/plain"}
+
+
+def test_report_names_the_machine_and_prints_a_table(bench: tuple[dict, subprocess.CompletedProcess[str]]) -> None:
+    report, result = bench
+    machine = report["machine"]
+    assert machine["device"] == "cpu" and machine["threads"] == 1  # the default config's threads
+    assert machine["torch"] == torch.__version__
+    assert report["repeats"] == 2 and report["numpy_hidden"] == 128
+    for label in (
+        "(a) mnist_lit",
+        "(b) classic",
+        "(c) plain",
+        "(d) NumPy",
+        "(e) Lightning",
+        "batch 50, 3 steps",
+        "time (a)/(c)",
+    ):
+        assert label in result.stdout, label
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_method_is_refused_before_any_work(tmp_path: Path) -> None:
+    result = run_module("mnist_lit.bench", "--methods=mnist_lit,tensorflow", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown tensorflow" in result.stderr
+
+
+def test_a_misspelt_override_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_module("mnist_lit.bench", "--no-startup", "model.hiden=[8]", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.hiden" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_module("mnist_lit.bench", "--device=cuda", "--no-startup", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no CUDA GPU is visible" in result.stderr and "Traceback" not in result.stderr

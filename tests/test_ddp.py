@@ -1,0 +1,245 @@
+"""DDP through Lightning (2 CPU processes, gloo) and SLURM through Hydra's submitit launcher.
+
+The runs go through the command line a user types, on the synthetic digits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import DictConfig
+
+from mnist_lit.config import register
+from mnist_lit.experiment import to_plain
+from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_module
+
+# 500 training images, 2 ranks of 250, batches of 50: 5 steps per epoch (one process takes 10).
+DDP_TRAIN = [*(arg for arg in FAST_TRAIN if not arg.startswith("trainer=")), "trainer=ddp_cpu", "model.hidden=[16]"]
+STEPS_PER_EPOCH = 500 // 2 // 50
+EXACT_TEST_METRICS = ("test/acc", "test/precision", "test/recall", "test/f1")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ddp")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(synthetic_mnist: SyntheticMNIST, workdir: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    result = run_module("mnist_lit.train", *DDP_TRAIN, *synthetic_mnist.overrides(workdir / "data"), cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run_dir,) = (workdir / "outputs" / "runs").iterdir()
+    return run_dir, result
+
+
+def test_ddp_run_leaves_one_run_folder_written_once(ddp_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    run_dir, _ = ddp_run
+    outputs = run_dir.parent.parent
+    assert [path.name for path in outputs.iterdir()] == ["runs"]
+    assert [path.parent for path in outputs.rglob("metrics.json")] == [run_dir]
+    assert [path.parent for path in outputs.rglob(".hydra")] == [run_dir]
+    assert sorted(path.name for path in (run_dir / ".hydra").iterdir()) == [
+        "config.yaml",
+        "hydra.yaml",
+        "overrides.yaml",
+    ]
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir())[-1] == "last.ckpt"
+    # Rank 0 logs the run; rank 1 (re-run by Lightning) has a log of its own with only its own news.
+    assert sorted(path.name for path in run_dir.glob("*.log")) == ["train.log", "train_ddp_process_1.log"]
+    assert (run_dir / "train.log").read_text().count("epoch 2/2") == 1
+    rank1_log = (run_dir / "train_ddp_process_1.log").read_text()
+    assert "GLOBAL_RANK: 1" in rank1_log and "epoch" not in rank1_log
+    assert not [path for path in outputs.rglob("*") if "partial" in path.name]
+
+
+def test_ddp_console_shows_config_and_epochs_once(ddp_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    _, result = ddp_run
+    assert result.stdout.count("outputs: ") == 1
+    assert result.stdout.count("hidden:") == 1
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("epoch ")] == ["1/2", "2/2"]
+    assert "sync_dist" not in result.stderr  # every epoch metric is synced, so Lightning has nothing to suggest
+
+
+def test_ddp_trains_on_shards_and_reports_synced_metrics(
+    ddp_run: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    run_dir, _ = ddp_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2
+    assert metrics["global_step"] == 2 * STEPS_PER_EPOCH
+    assert Path(metrics["ckpt_path"]).parent == run_dir / "checkpoints"
+    assert metrics["test/acc"] > 0.5
+
+
+def test_ddp_test_metrics_equal_a_single_process_eval(
+    ddp_run: tuple[Path, subprocess.CompletedProcess[str]], synthetic_mnist: SyntheticMNIST, workdir: Path
+) -> None:
+    """Each test image is counted exactly once across the ranks, and the metrics are synced:
+    otherwise rank 0 would report its half of the test set, or some images twice."""
+    run_dir, _ = ddp_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    result = run_module(
+        "mnist_lit.eval", f"ckpt_path={metrics['ckpt_path']}", f"data.mirror={synthetic_mnist.mirror}", cwd=workdir
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (eval_dir,) = (workdir / "outputs" / "evals").iterdir()
+    evaluated = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["test/acc"] < 1.0  # a model with mistakes, so that a wrong count would show
+    for key in EXACT_TEST_METRICS:  # ratios of counts: identical
+        assert evaluated[key] == metrics[key], key
+    # Each rank sums its losses in its own order.
+    assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-6)
+
+
+def test_ddp_inside_a_multirun_keeps_each_job_in_its_folder(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    args = [*DDP_TRAIN, "trainer.max_epochs=1", *synthetic_mnist.overrides(tmp_path / "data")]
+    result = run_module("mnist_lit.train", "-m", *args, "model.hidden=[16],[32]", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # No folder of a sweep or run started by rank 1.
+    assert [path.name for path in (tmp_path / "outputs").iterdir()] == ["multiruns"]
+    (sweep_dir,) = (tmp_path / "outputs" / "multiruns").iterdir()
+    jobs = sorted(path for path in sweep_dir.iterdir() if path.is_dir())
+    assert [job.name for job in jobs] == ["0", "1"]
+    hidden = []
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["global_step"] == STEPS_PER_EPOCH
+        assert (job / "train_ddp_process_1.log").is_file()
+        hidden.append(torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["hidden"])
+    assert hidden == [[16], [32]]
+    assert result.stdout.count("outputs: ") == 2
+
+
+def test_each_rank_gets_a_disjoint_shard(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    """A real 2-process DDP fit and test, recording the rows each rank was given (tests/ddp_probe.py)."""
+    options = {
+        "root": str(tmp_path / "data"),
+        "mirror": str(synthetic_mnist.mirror),
+        "sha256": synthetic_mnist.sha256,
+        "out": str(tmp_path),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.ddp_probe", json.dumps(options)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    seen = [rank["seen"] for rank in ranks]
+    for epoch in ("0", "1"):
+        train = [set(rank[f"train/{epoch}"]) for rank in seen]
+        assert [len(rank[f"train/{epoch}"]) for rank in seen] == [250, 250]
+        assert not train[0] & train[1] and len(train[0] | train[1]) == 500
+        # Validation and test: every image exactly once over the ranks, none padded or dropped.
+        assert sorted(seen[0][f"val/{epoch}"] + seen[1][f"val/{epoch}"]) == list(range(100))
+    assert sorted(seen[0]["test"] + seen[1]["test"]) == list(range(synthetic_mnist.test_size))
+    # A new shuffle each epoch.
+    assert seen[0]["train/0"] != seen[0]["train/1"]
+
+
+def compose_with_hydra(*overrides: str) -> DictConfig:
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_trainer_ddp_gives_lightning_a_multi_node_ddp_trainer() -> None:
+    cfg = compose_with_hydra("trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4")
+    kwargs = to_plain(cfg.trainer)
+    assert {key: kwargs[key] for key in ("accelerator", "devices", "num_nodes", "strategy")} == {
+        "accelerator": "gpu",
+        "devices": 4,
+        "num_nodes": 2,
+        "strategy": "ddp",
+    }
+    # No GPU here: the same arguments on CPU devices show what Lightning makes of them.
+    trainer = L.Trainer(**{**kwargs, "accelerator": "cpu"}, logger=False, enable_checkpointing=False)
+    assert isinstance(trainer.strategy, DDPStrategy)
+    assert (trainer.num_nodes, trainer.num_devices, trainer.world_size) == (2, 4, 8)
+
+
+def test_slurm_launcher_takes_the_job_shape_from_the_trainer() -> None:
+    cfg = compose_with_hydra(
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.num_nodes=2",
+        "trainer.devices=4",
+        "hydra.launcher.partition=gpu",
+    )
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    assert {key: launcher.params[key] for key in ("nodes", "tasks_per_node", "gpus_per_node", "partition")} == {
+        "nodes": 2,
+        "tasks_per_node": 4,
+        "gpus_per_node": 4,
+        "partition": "gpu",
+    }
+    assert launcher.params["timeout_min"] == 60
+    assert launcher.params["submitit_folder"].endswith("/.submitit/%j")
+
+
+def test_slurm_sweep_submits_one_array_of_multi_node_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real command line down to sbatch, which is a stand-in here that keeps the script."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "submitted.sh"
+    for name, body in {"sbatch": f'cp "$1" {record}\necho "no cluster here" >&2\nexit 1', "srun": "exit 1"}.items():
+        script = bin_dir / name
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    result = run_module(
+        "mnist_lit.train",
+        "-m",
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.num_nodes=2",
+        "trainer.devices=4",
+        "hydra.launcher.partition=gpu",
+        "model.hidden=[16],[32]",
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0 and "no cluster here" in result.stdout + result.stderr
+    directives = [line for line in record.read_text().splitlines() if line.startswith("#SBATCH")]
+    for expected in (
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--time=60",
+        "--job-name=train",
+        "--array=0-1%2",
+    ):
+        assert f"#SBATCH {expected}" in directives, expected
+    (sweep_dir,) = (tmp_path / "outputs" / "multiruns").iterdir()
+    assert any(f"--output={sweep_dir.resolve()}/.submitit/" in line for line in directives)
+
+
+def test_submitit_local_runs_the_ranks_as_slurm_would(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    """hydra/launcher=slurm_local: submitit starts one process per device, as SLURM tasks."""
+    args = [*DDP_TRAIN, "trainer.max_epochs=1", *synthetic_mnist.overrides(tmp_path / "data")]
+    result = run_module("mnist_lit.train", "-m", "hydra/launcher=slurm_local", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (sweep_dir,) = (tmp_path / "outputs" / "multiruns").iterdir()
+    assert sorted(path.name for path in sweep_dir.iterdir()) == [".submitit", "0", "multirun.yaml"]
+    metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["global_step"] == STEPS_PER_EPOCH
+    # Two tasks, each rank's output in its own file.
+    (job_folder,) = (path for path in (sweep_dir / ".submitit").iterdir() if path.name != "%j")
+    assert sorted(path.name.split("_", 1)[1] for path in job_folder.glob("*_log.err")) == ["0_log.err", "1_log.err"]
+    assert "GLOBAL_RANK: 1" in next(job_folder.glob("*_1_log.err")).read_text()
