@@ -99,7 +99,6 @@ class AugmentConfig:
 class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     dropout: float = 0.0
-    input_dropout: float = 0.0  # dropout on the pixels
     optimizer: Optimizer = Optimizer.adam
     lr: float = 4e-3
     weight_decay: float = 0.0
@@ -324,15 +323,11 @@ def validate_callbacks(callbacks: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Reject values the schema's types allow but training cannot use, before any work starts."""
     model = cfg.model
-    _require_finite(
-        {f"model.{key}": model[key] for key in ("lr", "weight_decay", "momentum", "dropout", "input_dropout")}
-    )
+    _require_finite({f"model.{key}": model[key] for key in ("lr", "weight_decay", "momentum", "dropout")})
     if any(size <= 0 for size in model.hidden):
         _fail("model.hidden", list(model.hidden), "every layer size must be a positive integer")
     if not 0.0 <= model.dropout < 1.0:
         _fail("model.dropout", model.dropout, "use a probability in [0, 1)")
-    if not 0.0 <= model.input_dropout < 1.0:
-        _fail("model.input_dropout", model.input_dropout, "use a probability in [0, 1)")
     if model.lr <= 0:
         _fail("model.lr", model.lr, "the learning rate must be > 0, e.g. model.lr=1e-3")
     if model.weight_decay < 0:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 
 class MLP(nn.Module):
-    """Flattened pixels -> [Dropout] -> [Linear -> ReLU -> Dropout] per hidden layer -> Linear logits.
+    """Flattened pixels -> [Linear -> ReLU -> Dropout] per hidden layer -> Linear logits.
 
     The output layer has no activation: cross-entropy wants raw logits (a ReLU there clips
     every negative logit to 0 and costs about ten points of accuracy). `hidden=[]` is
@@ -21,12 +21,9 @@ class MLP(nn.Module):
         dropout: float = 0.0,
         input_size: int = 28 * 28,
         num_classes: int = 10,
-        input_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
-        if input_dropout > 0:  # drops pixels: a strong regularizer for wide MLPs (Srivastava et al. 2014)
-            layers.append(nn.Dropout(input_dropout))
         width = input_size
         for size in hidden:
             layers += [nn.Linear(width, size), nn.ReLU()]

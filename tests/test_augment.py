@@ -158,6 +158,7 @@ class Recorder(nn.Module):
         return images
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps called without a Trainer
 def test_only_training_batches_are_augmented() -> None:
     model = MNISTClassifier(hidden=[8], augment=PRESET)
     assert isinstance(model.augment, BatchAugment) and model.augment.max_rotation == 12.0
