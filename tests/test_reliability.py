@@ -400,6 +400,40 @@ def test_a_data_root_without_write_permission_is_reported(synthetic_mnist: Synth
         ensure_mnist(root / "MNIST" / "raw", str(synthetic_mnist.mirror), synthetic_mnist.sha256)
 
 
+def _denied(*args: object, **kwargs: object) -> None:
+    raise PermissionError(13, "Permission denied", str(args[0]) if args else None)
+
+
+# Root ignores permission bits (CI runs as root), so these three deny access the way the OS
+# would for another user; the chmod versions above run wherever the tests are not root.
+def test_an_unreadable_mirror_folder_is_reported_for_any_user(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readable = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if Path(path) == synthetic_mnist.mirror else readable(path, mode)
+    )
+    with pytest.raises(DataError, match="Permission denied; make the folder readable"):
+        ensure_mnist(tmp_path / "raw", str(synthetic_mnist.mirror), synthetic_mnist.sha256)
+    assert not (tmp_path / "raw" / MNIST_FILES["train_images"]).exists()
+
+
+def test_a_data_root_that_cannot_be_written_is_reported_for_any_user(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Path, "mkdir", _denied)
+    with pytest.raises(DataError, match=r"Permission denied.*writable data\.root"):
+        ensure_mnist(tmp_path / "data" / "MNIST" / "raw", str(synthetic_mnist.mirror), synthetic_mnist.sha256)
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_for_any_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Path, "touch", _denied)
+    with pytest.raises(ConfigError, match=r"cannot write the run folder .* \(Permission denied\)"):
+        check_writable(tmp_path / "outputs" / "runs" / "x")
+
+
 def test_a_half_written_file_left_in_the_data_folder_is_replaced(
     synthetic_mnist: SyntheticMNIST, tmp_path: Path
 ) -> None:
