@@ -158,21 +158,13 @@ def time_classic(cfg: DictConfig, device: torch.device) -> Timing:
     return timer.timing
 
 
-def time_plain(cfg: DictConfig, images: Tensor, labels: Tensor, steps: int) -> Timing:
-    """The loop a researcher writes by hand, with the same model, optimizer and schedule."""
-    import torch
-    import torch.nn.functional as F
-
-    from mnist_lit.model import MLP
+def configured_optimizer(cfg: DictConfig, parameters: Any, steps: int) -> tuple[Any, Any]:
+    """The optimizer and schedule `cfg.model` asks for, as the LightningModule builds them."""
     from mnist_lit.module import make_optimizer
 
-    torch.manual_seed(cfg.seed)
     model = cfg.model
-    net = MLP(model.hidden, model.dropout).to(images.device)
-    if cfg.compile:
-        net.compile()
-    optimizer, scheduler = make_optimizer(
-        net.parameters(),
+    return make_optimizer(
+        parameters,
         model.optimizer.value,
         model.lr,
         model.weight_decay,
@@ -180,6 +172,21 @@ def time_plain(cfg: DictConfig, images: Tensor, labels: Tensor, steps: int) -> T
         model.scheduler.value,
         total_steps=steps,
     )
+
+
+def time_plain(cfg: DictConfig, images: Tensor, labels: Tensor, steps: int) -> Timing:
+    """The loop a researcher writes by hand, with the same model, optimizer and schedule."""
+    import torch
+    import torch.nn.functional as F
+
+    from mnist_lit.model import MLP
+
+    torch.manual_seed(cfg.seed)
+    model = cfg.model
+    net = MLP(model.hidden, model.dropout).to(images.device)
+    if cfg.compile:
+        net.compile()
+    optimizer, scheduler = configured_optimizer(cfg, net.parameters(), steps)
     autocast = torch.autocast(images.device.type, torch.bfloat16, enabled=cfg.trainer.precision == "bf16-mixed")
     batch_size = cfg.data.batch_size
     watch = Stopwatch(images.device)
@@ -205,7 +212,6 @@ def time_lightning_floor(cfg: DictConfig, images: Tensor, labels: Tensor, steps:
 
     from mnist_lit.data import EpochShuffle, TensorBatches
     from mnist_lit.model import MLP
-    from mnist_lit.module import make_optimizer
 
     class Step(L.LightningModule):
         def __init__(self) -> None:
@@ -219,16 +225,7 @@ def time_lightning_floor(cfg: DictConfig, images: Tensor, labels: Tensor, steps:
             return F.cross_entropy(self.net(images), labels)
 
         def configure_optimizers(self) -> Any:
-            model = cfg.model
-            optimizer, scheduler = make_optimizer(
-                self.parameters(),
-                model.optimizer.value,
-                model.lr,
-                model.weight_decay,
-                model.momentum,
-                model.scheduler.value,
-                total_steps=steps,
-            )
+            optimizer, scheduler = configured_optimizer(cfg, self.parameters(), steps)
             if scheduler is None:
                 return optimizer
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -80,5 +80,15 @@ def run_module(module: str, *args: str, cwd: Path, timeout: float = 300) -> subp
     )
 
 
+def train_on_synthetic(
+    synthetic: SyntheticMNIST, workdir: Path, *overrides: str
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One `python -m mnist_lit.train` on the synthetic data in `workdir`: its run folder and process."""
+    result = run_module("mnist_lit.train", *overrides, *synthetic.overrides(workdir / "data"), cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run_dir,) = (workdir / "outputs" / "runs").iterdir()
+    return run_dir, result
+
+
 # A short run: 2 epochs over 500 synthetic images, no sanity check.
 FAST_TRAIN = ["trainer.max_epochs=2", "data.batch_size=50", "trainer=cpu", "trainer.log_every_n_steps=5"]

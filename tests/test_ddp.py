@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from mnist_lit.config import register
 from mnist_lit.experiment import to_plain
-from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_module
+from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_module, train_on_synthetic
 
 # 500 training images, 2 ranks of 250, batches of 50: 5 steps per epoch (one process takes 10).
 DDP_TRAIN = [*(arg for arg in FAST_TRAIN if not arg.startswith("trainer=")), "trainer=ddp_cpu", "model.hidden=[16]"]
@@ -37,10 +37,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_run(synthetic_mnist: SyntheticMNIST, workdir: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    result = run_module("mnist_lit.train", *DDP_TRAIN, *synthetic_mnist.overrides(workdir / "data"), cwd=workdir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    (run_dir,) = (workdir / "outputs" / "runs").iterdir()
-    return run_dir, result
+    return train_on_synthetic(synthetic_mnist, workdir, *DDP_TRAIN)
 
 
 def test_ddp_run_leaves_one_run_folder_written_once(ddp_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:

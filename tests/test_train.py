@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import FAST_TRAIN, SyntheticMNIST, run_module
+from tests.conftest import FAST_TRAIN, SyntheticMNIST, run_module, train_on_synthetic
 
 METRIC_KEYS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc"}
 METRIC_KEYS |= {f"{stage}/{name}" for stage in ("val", "test") for name in ("precision", "recall", "f1")}
@@ -24,10 +24,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(synthetic_mnist: SyntheticMNIST, workdir: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    result = run_module("mnist_lit.train", *FAST_TRAIN, *synthetic_mnist.overrides(workdir / "data"), cwd=workdir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    (run_dir,) = (workdir / "outputs" / "runs").iterdir()
-    return run_dir, result
+    return train_on_synthetic(synthetic_mnist, workdir, *FAST_TRAIN)
 
 
 def test_run_folder_holds_everything(trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
