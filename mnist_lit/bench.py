@@ -183,7 +183,7 @@ def time_plain(cfg: DictConfig, images: Tensor, labels: Tensor, steps: int) -> T
 
     torch.manual_seed(cfg.seed)
     model = cfg.model
-    net = MLP(model.hidden, model.dropout).to(images.device)
+    net = MLP(model.hidden, model.dropout, model.input_dropout).to(images.device)
     if cfg.compile:
         net.compile()
     optimizer, scheduler = configured_optimizer(cfg, net.parameters(), steps)
@@ -216,7 +216,7 @@ def time_lightning_floor(cfg: DictConfig, images: Tensor, labels: Tensor, steps:
     class Step(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = MLP(cfg.model.hidden, cfg.model.dropout)
+            self.net = MLP(cfg.model.hidden, cfg.model.dropout, cfg.model.input_dropout)
             if cfg.compile:
                 self.net.compile()
 

@@ -1,5 +1,6 @@
-"""Callbacks of our own: the plain per-epoch summary used when output is not a terminal, and the
-reporting of an Optuna trial's progress to its study (see mnist_lit/search.py)."""
+"""Callbacks of our own: the plain per-epoch summary used when output is not a terminal, the
+reporting of an Optuna trial's progress to its study (see mnist_lit/search.py), stopping on a signal
+or a non-finite loss, and what TensorBoard shows beyond scalars (test report, histograms)."""
 
 from __future__ import annotations
 

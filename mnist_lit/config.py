@@ -98,12 +98,14 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [128, 64])
-    dropout: float = 0.0
+    dropout: float = 0.0  # after each hidden layer
+    input_dropout: float = 0.0  # on the pixels
     optimizer: Optimizer = Optimizer.adam
     lr: float = 4e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
     scheduler: Scheduler = Scheduler.onecycle
+    label_smoothing: float = 0.0  # training loss only
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -323,11 +325,17 @@ def validate_callbacks(callbacks: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Reject values the schema's types allow but training cannot use, before any work starts."""
     model = cfg.model
-    _require_finite({f"model.{key}": model[key] for key in ("lr", "weight_decay", "momentum", "dropout")})
+    _require_finite(
+        {
+            f"model.{key}": model[key]
+            for key in ("lr", "weight_decay", "momentum", "dropout", "input_dropout", "label_smoothing")
+        }
+    )
     if any(size <= 0 for size in model.hidden):
         _fail("model.hidden", list(model.hidden), "every layer size must be a positive integer")
-    if not 0.0 <= model.dropout < 1.0:
-        _fail("model.dropout", model.dropout, "use a probability in [0, 1)")
+    for key in ("dropout", "input_dropout", "label_smoothing"):
+        if not 0.0 <= model[key] < 1.0:
+            _fail(f"model.{key}", model[key], "use a probability in [0, 1)")
     if model.lr <= 0:
         _fail("model.lr", model.lr, "the learning rate must be > 0, e.g. model.lr=1e-3")
     if model.weight_decay < 0:

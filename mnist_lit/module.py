@@ -68,11 +68,13 @@ class MNISTClassifier(L.LightningModule):
         self,
         hidden: Sequence[int] = (128, 64),
         dropout: float = 0.0,
+        input_dropout: float = 0.0,
         optimizer: str = "adam",
         lr: float = 4e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         scheduler: str = "onecycle",
+        label_smoothing: float = 0.0,
         augment: Mapping[str, float] | None = None,
         input_size: int = 28 * 28,
         num_classes: int = 10,
@@ -84,7 +86,7 @@ class MNISTClassifier(L.LightningModule):
             raise ValueError(f"scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters()
-        self.net = MLP(hidden, dropout, input_size, num_classes)
+        self.net = MLP(hidden, dropout, input_dropout, input_size, num_classes)
         # Distorts training batches only; no weights, so checkpoints are the same with or without it.
         self.augment = BatchAugment(**(augment or {}))
         self.train_metrics = classification_metrics(num_classes, "train/")
@@ -122,7 +124,9 @@ class MNISTClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self.net(self.augment(images))
-        losses = F.cross_entropy(logits, labels, reduction="none")
+        # Smoothing only the training targets keeps val/ and test/loss the plain cross-entropy, so
+        # they compare across runs with and without it.
+        losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.hparams.label_smoothing)
         self._pending.append((logits.detach().argmax(dim=1), labels, losses.detach()))
         return losses.mean()
 

@@ -123,6 +123,8 @@ def test_schema_rejects_unknown_keys_and_wrong_types(override: str, message: str
         ("data.batch_size=-8", "data.batch_size=-8"),
         ("data.val_size=0", "data.val_size=0"),
         ("model.dropout=1.0", "model.dropout=1.0"),
+        ("model.input_dropout=-0.1", "model.input_dropout=-0.1 is not allowed: use a probability in [0, 1)"),
+        ("model.label_smoothing=1.5", "model.label_smoothing=1.5"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0"),
         ("data.sha256.train_images=ab12", "data.sha256.train_images='ab12'"),
         ("+data.sha256.extra=ab12", "give exactly the keys"),

@@ -124,6 +124,8 @@ CONFIG_VALUES = {
     "model.hidden": st.lists(st.integers(-2, 48), max_size=3),
     "model.lr": finite_or_not,
     "model.dropout": finite_or_not,
+    "model.input_dropout": finite_or_not,
+    "model.label_smoothing": finite_or_not,
     "model.weight_decay": finite_or_not,
     "model.momentum": finite_or_not,
     "data.batch_size": st.integers(-(2**31), 2**31),

@@ -43,6 +43,18 @@ def test_dropout_layers_only_when_asked() -> None:
     assert sum(isinstance(layer, nn.Dropout) for layer in MLP([32, 16], dropout=0.5).modules()) == 2
 
 
+def test_input_dropout_drops_pixels_in_training_only() -> None:
+    model = MLP([], input_dropout=0.5)
+    with torch.no_grad():
+        model.layers[-1].weight.copy_(torch.eye(10, 784))  # logit i = pixel i
+        model.layers[-1].bias.zero_()
+    pixels = torch.ones(4, 784)
+    torch.manual_seed(0)
+    kept = model.train()(pixels)
+    assert set(kept.unique().tolist()) == {0.0, 2.0}  # dropped, or kept and scaled by 1/(1-p)
+    assert torch.equal(model.eval()(pixels), torch.ones(4, 10))
+
+
 def test_metrics_match_values_computed_by_hand() -> None:
     module = MNISTClassifier(hidden=[], num_classes=3)
     # Six samples, three classes; predictions by argmax of these logits: 0, 1, 1, 2, 0, 2.
@@ -63,6 +75,21 @@ def test_metrics_match_values_computed_by_hand() -> None:
     expected_loss = torch.nn.functional.cross_entropy(logits, labels)
     manual_loss = -torch.log_softmax(logits, dim=1)[torch.arange(6), labels].mean()
     assert expected_loss.item() == pytest.approx(manual_loss.item())
+
+
+def test_label_smoothing_changes_the_training_loss_only() -> None:
+    module = MNISTClassifier(hidden=[], num_classes=2, input_size=2, label_smoothing=0.2)
+    with torch.no_grad():
+        module.net.layers[-1].weight.copy_(torch.eye(2))  # logits = inputs
+        module.net.layers[-1].bias.zero_()
+    images, labels = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
+    log_p = torch.log_softmax(images, dim=1)
+    # Targets 0.9 for the label and 0.1 for the other class: (1 - 0.2) one-hot + 0.2 / 2 classes.
+    smoothed = -(0.9 * log_p[:, 0] + 0.1 * log_p[:, 1]).mean()
+    assert module.training_step((images, labels), 0).item() == pytest.approx(smoothed.item())
+    with pytest.warns(UserWarning, match="self.log"):  # no Trainer attached to log to
+        plain = module._shared_step((images, labels), "val", module.val_metrics)
+    assert plain.item() == pytest.approx(-log_p[:, 0].mean().item())
 
 
 def test_predict_step_returns_probabilities() -> None:
