@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
     from torch import Tensor
 
+    from mnist_lit.model import MLP
+
 METHODS = {
     "mnist_lit": "(a) mnist_lit",
     "classic": "(b) classic torchvision + DataLoader",
@@ -158,6 +160,17 @@ def time_classic(cfg: DictConfig, device: torch.device) -> Timing:
     return timer.timing
 
 
+def configured_mlp(cfg: DictConfig) -> MLP:
+    """The MLP `cfg.model` asks for, compiled in place when `cfg.compile` is set, as training builds it."""
+    from mnist_lit.model import MLP
+
+    model = cfg.model
+    net = MLP(model.hidden, model.dropout, model.input_dropout)
+    if cfg.compile:
+        net.compile()
+    return net
+
+
 def configured_optimizer(cfg: DictConfig, parameters: Any, steps: int) -> tuple[Any, Any]:
     """The optimizer and schedule `cfg.model` asks for, as the LightningModule builds them."""
     from mnist_lit.module import make_optimizer
@@ -179,13 +192,8 @@ def time_plain(cfg: DictConfig, images: Tensor, labels: Tensor, steps: int) -> T
     import torch
     import torch.nn.functional as F
 
-    from mnist_lit.model import MLP
-
     torch.manual_seed(cfg.seed)
-    model = cfg.model
-    net = MLP(model.hidden, model.dropout, model.input_dropout).to(images.device)
-    if cfg.compile:
-        net.compile()
+    net = configured_mlp(cfg).to(images.device)
     optimizer, scheduler = configured_optimizer(cfg, net.parameters(), steps)
     autocast = torch.autocast(images.device.type, torch.bfloat16, enabled=cfg.trainer.precision == "bf16-mixed")
     batch_size = cfg.data.batch_size
@@ -211,14 +219,11 @@ def time_lightning_floor(cfg: DictConfig, images: Tensor, labels: Tensor, steps:
     import torch.nn.functional as F
 
     from mnist_lit.data import EpochShuffle, TensorBatches
-    from mnist_lit.model import MLP
 
     class Step(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = MLP(cfg.model.hidden, cfg.model.dropout, cfg.model.input_dropout)
-            if cfg.compile:
-                self.net.compile()
+            self.net = configured_mlp(cfg)
 
         def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
             images, labels = batch

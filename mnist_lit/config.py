@@ -325,15 +325,11 @@ def validate_callbacks(callbacks: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Reject values the schema's types allow but training cannot use, before any work starts."""
     model = cfg.model
-    _require_finite(
-        {
-            f"model.{key}": model[key]
-            for key in ("lr", "weight_decay", "momentum", "dropout", "input_dropout", "label_smoothing")
-        }
-    )
+    probabilities = ("dropout", "input_dropout", "label_smoothing")
+    _require_finite({f"model.{key}": model[key] for key in ("lr", "weight_decay", "momentum", *probabilities)})
     if any(size <= 0 for size in model.hidden):
         _fail("model.hidden", list(model.hidden), "every layer size must be a positive integer")
-    for key in ("dropout", "input_dropout", "label_smoothing"):
+    for key in probabilities:
         if not 0.0 <= model[key] < 1.0:
             _fail(f"model.{key}", model[key], "use a probability in [0, 1)")
     if model.lr <= 0:
