@@ -24,6 +24,12 @@ follows model.*, threads, compile and trainer.precision=bf16-mixed too:
     python -m mnist_lit.bench --batch-sizes 64 --methods mnist_lit,plain threads=1
     python -m mnist_lit.bench --device cuda trainer.precision=bf16-mixed compile=true
 
+--compare OVERRIDE (repeatable) times every method a second time with those overrides too, in the
+same interleaved rounds, and adds the ratio of each method's times with and without them:
+
+    python -m mnist_lit.bench --batch-sizes 128 --methods mnist_lit,plain \
+        --compare trainer.precision=bf16-mixed experiment=best_mlp
+
 It also times what every run pays before its first step: starting the interpreter, composing the
 config (`mnist_lit.train --cfg job`) and importing what training needs (--no-startup skips this).
 """
@@ -61,6 +67,7 @@ METHODS = {
     "numpy": "(d) NumPy reference",
     "lightning": "(e) Lightning floor (barebones)",
 }
+COMPARED = "+"  # suffix of a method's key when timed with the --compare overrides
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 WARMUP_STEPS = 20
 STARTUP_COMMANDS = {
@@ -293,6 +300,11 @@ def median_ratio(numerators: list[Timing], denominators: list[Timing], clock: st
     )
 
 
+def method_label(key: str, compare: list[str]) -> str:
+    base = key.removesuffix(COMPARED)
+    return METHODS[base] + (f" with {' '.join(compare)}" if key != base else "")
+
+
 def summarize(timings: dict[str, list[Timing]], samples: int) -> dict[str, Any]:
     methods = {}
     for method, runs in timings.items():
@@ -309,6 +321,7 @@ def summarize(timings: dict[str, list[Timing]], samples: int) -> dict[str, Any]:
         "mnist_lit/plain": ("mnist_lit", "plain"),
         "classic/mnist_lit": ("classic", "mnist_lit"),
         "lightning/plain": ("lightning", "plain"),
+        **{f"{method}{COMPARED}/{method}": (method + COMPARED, method) for method in METHODS},
     }.items():
         if numerator in timings and denominator in timings:
             ratios[name] = {
@@ -338,8 +351,8 @@ def print_report(report: dict[str, Any]) -> None:
             title_justify="left",
         )
         for method, values in result["methods"].items():
-            label = METHODS[method]
-            if method == "numpy":
+            label = method_label(method, report["compare"])
+            if method.removesuffix(COMPARED) == "numpy":
                 label += f" 784-{report['numpy_hidden']}-10"
             table.add_row(
                 label, f"{values['median_wall_s']:.3f}", f"{values['median_cpu_s']:.3f}", f"{values['samples_per_s']:,}"
@@ -347,10 +360,11 @@ def print_report(report: dict[str, Any]) -> None:
         rich_print(table)
         for name, ratio in result["time_ratios"].items():
             numerator, denominator = name.split("/")
-            rich_print(
-                f"  time {METHODS[numerator][:3]}/{METHODS[denominator][:3]} ({name}): "
-                f"{ratio['wall']:.2f} wall, {ratio['cpu']:.2f} CPU"
-            )
+            if numerator == denominator + COMPARED:
+                what = f"{METHODS[denominator][:3]} with/without {' '.join(report['compare'])}"
+            else:
+                what = f"{METHODS[numerator][:3]}/{METHODS[denominator][:3]}"
+            rich_print(f"  time {what} ({name}): {ratio['wall']:.2f} wall, {ratio['cpu']:.2f} CPU")
     if "startup_s" in report:
         startup = report["startup_s"]
         rich_print(
@@ -381,6 +395,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
     parser.add_argument("--no-startup", action="store_true", help="skip timing the startup commands")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="also time every method with this override (repeatable), e.g. trainer.precision=bf16-mixed",
+    )
     args = parser.parse_args(argv)
     args.methods = [method.strip() for method in args.methods.split(",") if method.strip()]
     unknown = [method for method in args.methods if method not in METHODS]
@@ -410,10 +431,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch_dir = tempfile.TemporaryDirectory(prefix="mnist_lit_bench_")
     scratch = Path(scratch_dir.name)
 
-    def config(batch_size: int, steps: int, name: str) -> DictConfig:
+    def config(batch_size: int, steps: int, key: str, run: str) -> DictConfig:
+        """The config that times method `key` (with the --compare overrides if it is a compared key)."""
         return compose_config(
             [
                 *args.overrides,
+                *(args.compare if key.endswith(COMPARED) else []),
                 f"data.batch_size={batch_size}",
                 "trainer.max_epochs=1",
                 f"trainer.limit_train_batches={steps}",
@@ -421,12 +444,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"trainer.accelerator={accelerator}",
                 "trainer.devices=1",
                 "callbacks.progress=lines",  # what sweeps and CI use; a progress bar would print here
-                f"paths.output_dir={scratch / name}",
+                f"paths.output_dir={scratch / f'{key}-{batch_size}-{run}'}",
             ]
         )
 
-    base = config(args.batch_sizes[0], 1, "data")
+    base = config(args.batch_sizes[0], 1, "data", "base")
     validate(base)
+    keys = [*args.methods, *([f"{method}{COMPARED}" for method in args.methods] if args.compare else [])]
+    if args.compare:  # a bad --compare override fails here too, before any timing
+        validate(config(args.batch_sizes[0], 1, COMPARED, "base"))
     if base.threads is not None:
         torch.set_num_threads(base.threads)
     datamodule = MNISTDataModule(**to_plain(base.data))
@@ -456,19 +482,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "repeats": args.repeats,
         "overrides": args.overrides,
+        "compare": args.compare,
         "numpy_hidden": numpy_hidden(base),
         "batch_sizes": {},
     }
     for batch_size in args.batch_sizes:
         steps = args.steps or math.ceil(num_rows / batch_size)
         warmup_steps = min(steps, WARMUP_STEPS)
-        timings: dict[str, list[Timing]] = {method: [] for method in args.methods}
-        for method in args.methods:
-            runners[method](config(batch_size, warmup_steps, f"{method}-{batch_size}-warmup"), warmup_steps)
+        timings: dict[str, list[Timing]] = {key: [] for key in keys}
+        for key in keys:
+            runners[key.removesuffix(COMPARED)](config(batch_size, warmup_steps, key, "warmup"), warmup_steps)
         for repeat in range(args.repeats):
-            for method in args.methods:
-                cfg = config(batch_size, steps, f"{method}-{batch_size}-{repeat}")
-                timings[method].append(runners[method](cfg, steps))
+            for key in keys:
+                cfg = config(batch_size, steps, key, str(repeat))
+                timings[key].append(runners[key.removesuffix(COMPARED)](cfg, steps))
         samples = min(steps * batch_size, num_rows)
         report["batch_sizes"][str(batch_size)] = {"steps": steps, "samples": samples, **summarize(timings, samples)}
     report["machine"]["load_after"] = [round(load, 2) for load in os.getloadavg()]

@@ -106,6 +106,7 @@ class ModelConfig:
     momentum: float = 0.9
     scheduler: Scheduler = Scheduler.onecycle
     label_smoothing: float = 0.0  # training loss only
+    max_norm: float | None = None  # bound on each hidden unit's incoming weight norm; None: off
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -338,6 +339,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("model.weight_decay", model.weight_decay, "use a value >= 0")
     if not 0.0 <= model.momentum < 1.0:
         _fail("model.momentum", model.momentum, "use a value in [0, 1)")
+    if model.max_norm is not None and not (math.isfinite(model.max_norm) and model.max_norm > 0):
+        _fail("model.max_norm", model.max_norm, "use a norm > 0, e.g. 3.5, or null for no constraint")
     augment = model.augment
     if min(augment.max_shift, augment.max_rotation, augment.max_scale, augment.elastic_alpha) < 0:
         _fail("model.augment", dict(augment), "magnitudes must be >= 0 (0 turns a distortion off)")

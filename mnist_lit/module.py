@@ -75,6 +75,7 @@ class MNISTClassifier(L.LightningModule):
         momentum: float = 0.9,
         scheduler: str = "onecycle",
         label_smoothing: float = 0.0,
+        max_norm: float | None = None,
         augment: Mapping[str, float] | None = None,
         input_size: int = 28 * 28,
         num_classes: int = 10,
@@ -191,6 +192,20 @@ class MNISTClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch(self.test_metrics)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.hparams.max_norm is not None:
+            self._bound_hidden_weight_norms(self.hparams.max_norm)
+
+    @torch.no_grad()
+    def _bound_hidden_weight_norms(self, max_norm: float) -> None:
+        """Scale back every hidden unit whose incoming weight vector has grown longer than
+        `max_norm`: the max-norm constraint of Srivastava et al. (2014), which lets dropout nets
+        train at high learning rates without their weights blowing up. The output layer is free."""
+        linears = [layer for layer in self.net.modules() if isinstance(layer, torch.nn.Linear)]
+        for layer in linears[:-1]:
+            layer.weight.renorm_(2, 0, max_norm)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -77,6 +77,40 @@ def test_report_names_the_machine_and_prints_a_table(bench: tuple[dict, subproce
     assert "Traceback" not in result.stderr
 
 
+def test_compare_times_each_method_with_and_without_the_overrides_in_the_same_rounds(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    result = run_module(
+        "mnist_lit.bench",
+        "--device=cpu",
+        "--batch-sizes=50",
+        "--steps=2",
+        "--repeats=2",
+        "--no-startup",
+        "--methods=plain,lightning",
+        "--compare=model.hidden=[64,32]",
+        "--json=bench.json",
+        *synthetic_mnist.overrides(tmp_path / "data"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    timed = json.loads((tmp_path / "bench.json").read_text())["batch_sizes"]["50"]
+    assert set(timed["methods"]) == {"plain", "lightning", "plain+", "lightning+"}
+    assert all(len(values["wall_s"]) == 2 for values in timed["methods"].values())
+    plain, compared = timed["methods"]["plain"]["wall_s"], timed["methods"]["plain+"]["wall_s"]
+    per_round = sorted(c / p for c, p in zip(compared, plain, strict=True))
+    assert timed["time_ratios"]["plain+/plain"]["wall"] == pytest.approx(sum(per_round) / 2, rel=1e-2)
+    assert set(timed["time_ratios"]) == {"lightning/plain", "plain+/plain", "lightning+/lightning"}
+    assert "(c) plain PyTorch loop with" in result.stdout  # the table wraps the rest of the label
+    assert "time (c) with/without model.hidden=[64,32] (plain+/plain)" in result.stdout
+
+
+def test_a_bad_compare_override_fails_before_any_work(tmp_path: Path) -> None:
+    result = run_module("mnist_lit.bench", "--no-startup", "--compare=model.hiden=[8]", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.hiden" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_unknown_method_is_refused_before_any_work(tmp_path: Path) -> None:
     result = run_module("mnist_lit.bench", "--methods=mnist_lit,tensorflow", cwd=tmp_path)
     assert result.returncode == 2

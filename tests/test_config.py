@@ -125,6 +125,7 @@ def test_schema_rejects_unknown_keys_and_wrong_types(override: str, message: str
         ("model.dropout=1.0", "model.dropout=1.0"),
         ("model.input_dropout=-0.1", "model.input_dropout=-0.1 is not allowed: use a probability in [0, 1)"),
         ("model.label_smoothing=1.5", "model.label_smoothing=1.5"),
+        ("model.max_norm=0", "model.max_norm=0.0 is not allowed: use a norm > 0, e.g. 3.5, or null"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0"),
         ("data.sha256.train_images=ab12", "data.sha256.train_images='ab12'"),
         ("+data.sha256.extra=ab12", "give exactly the keys"),

@@ -126,6 +126,7 @@ CONFIG_VALUES = {
     "model.dropout": finite_or_not,
     "model.input_dropout": finite_or_not,
     "model.label_smoothing": finite_or_not,
+    "model.max_norm": finite_or_not | st.none(),
     "model.weight_decay": finite_or_not,
     "model.momentum": finite_or_not,
     "data.batch_size": st.integers(-(2**31), 2**31),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -133,6 +134,33 @@ def test_schedules_step_every_batch_over_the_whole_run(scheduler: str, expected:
     assert lr_scheduler["interval"] == "step"
     total = lr_scheduler["scheduler"].total_steps if scheduler == "onecycle" else lr_scheduler["scheduler"].T_max
     assert total == 1234
+
+
+def trained_one_step(**hparams: object) -> MNISTClassifier:
+    """One SGD step at a learning rate large enough to stretch every weight vector."""
+    torch.manual_seed(0)
+    module = MNISTClassifier(hidden=[16, 8], optimizer="sgd", lr=50.0, momentum=0.0, scheduler="none", **hparams)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 784), torch.randint(0, 10, (32,)))
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=32))
+    return module
+
+
+def row_norms(module: MNISTClassifier) -> list[torch.Tensor]:
+    return [layer.weight.detach().norm(dim=1) for layer in module.net.modules() if isinstance(layer, nn.Linear)]
+
+
+def test_max_norm_bounds_each_hidden_unit_after_every_step_and_leaves_the_output_free() -> None:
+    free, bounded = row_norms(trained_one_step()), row_norms(trained_one_step(max_norm=1.5))
+    for free_layer, bounded_layer in zip(free[:-1], bounded[:-1], strict=True):
+        assert free_layer.max() > 1.5  # the step did stretch them...
+        assert bounded_layer.max() == pytest.approx(1.5, rel=1e-5)  # ...and the bound pulled them back
+        short = free_layer < 1.5  # units within the bound are not touched
+        assert torch.allclose(bounded_layer[short], free_layer[short])
+    assert torch.equal(free[-1], bounded[-1]) and free[-1].max() > 1.5
 
 
 def test_unknown_choices_are_refused() -> None:
