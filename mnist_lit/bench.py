@@ -18,7 +18,8 @@ round and then the median. Wall-clock time is what a user waits for; CPU time (a
 this process) is the work done, which other processes on a shared machine disturb much less.
 
 Trailing arguments are overrides of the training config, as for `mnist_lit.train`; the plain loop
-follows model.*, threads, compile and trainer.precision=bf16-mixed too:
+follows the MLP's layers and dropout, the optimizer and schedule, threads, compile and
+trainer.precision=bf16-mixed too (not augmentation, label smoothing or max_norm):
 
     python -m mnist_lit.bench --repeats 5 --json outputs/bench.json
     python -m mnist_lit.bench --batch-sizes 64 --methods mnist_lit,plain threads=1
