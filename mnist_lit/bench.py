@@ -18,7 +18,7 @@ round and then the median. Wall-clock time is what a user waits for; CPU time (a
 this process) is the work done, which other processes on a shared machine disturb much less.
 
 Trailing arguments are overrides of the training config, as for `mnist_lit.train`; the plain loop
-follows the MLP's layers and dropout, the optimizer and schedule, threads, compile and
+follows the MLP's layers, dropout, batch norm and noise, the optimizer and schedule, threads, compile and
 trainer.precision=bf16-mixed too (not augmentation, label smoothing or max_norm):
 
     python -m mnist_lit.bench --repeats 5 --json outputs/bench.json
@@ -173,7 +173,7 @@ def configured_mlp(cfg: DictConfig) -> MLP:
     from mnist_lit.model import MLP
 
     model = cfg.model
-    net = MLP(model.hidden, model.dropout, model.input_dropout)
+    net = MLP(model.hidden, model.dropout, model.input_dropout, model.batch_norm, model.noise, model.input_noise)
     if cfg.compile:
         net.compile()
     return net

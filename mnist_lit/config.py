@@ -100,6 +100,9 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     dropout: float = 0.0  # after each hidden layer
     input_dropout: float = 0.0  # on the pixels
+    batch_norm: bool = False  # of every layer's pre-activations, logits included
+    noise: float = 0.0  # std of Gaussian noise on the batch-normalized pre-activations (training only)
+    input_noise: float = 0.0  # std of Gaussian noise on the normalized pixels (training only)
     optimizer: Optimizer = Optimizer.adam
     lr: float = 4e-3
     weight_decay: float = 0.0
@@ -327,12 +330,22 @@ def validate(cfg: DictConfig) -> None:
     """Reject values the schema's types allow but training cannot use, before any work starts."""
     model = cfg.model
     probabilities = ("dropout", "input_dropout", "label_smoothing")
-    _require_finite({f"model.{key}": model[key] for key in ("lr", "weight_decay", "momentum", *probabilities)})
+    noises = ("noise", "input_noise")
+    _require_finite({f"model.{key}": model[key] for key in ("lr", "weight_decay", "momentum", *probabilities, *noises)})
     if any(size <= 0 for size in model.hidden):
         _fail("model.hidden", list(model.hidden), "every layer size must be a positive integer")
     for key in probabilities:
         if not 0.0 <= model[key] < 1.0:
             _fail(f"model.{key}", model[key], "use a probability in [0, 1)")
+    for key in noises:
+        if model[key] < 0:
+            _fail(f"model.{key}", model[key], "use a standard deviation >= 0 (0: no noise)")
+    if model.noise > 0 and not model.batch_norm:
+        _fail(
+            "model.noise",
+            model.noise,
+            "it is measured against batch-normalized pre-activations: add model.batch_norm=true, or use 0",
+        )
     if model.lr <= 0:
         _fail("model.lr", model.lr, "the learning rate must be > 0, e.g. model.lr=1e-3")
     if model.weight_decay < 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,3 +23,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+# What a run writes before its first training step: Hydra's record of the config, the logs, and the
+# loggers' folders (mnist_lit.experiment.build_logger) holding the hyperparameters and no curves.
+BEFORE_TRAINING = (".hydra", "tensorboard", "csv")
+
+
+def remove_unused_run_folder(run_dir: Path) -> None:
+    """Delete `run_dir` if it holds only what a run writes before training starts, so that an input
+    error that stops a run there (a config value, the data files, a checkpoint) leaves no folder
+    behind to be mistaken for a run. A folder with anything else, such as a resumed run's
+    checkpoints or metrics, or files of the user's own, is kept."""
+    if not run_dir.is_dir():
+        return
+    for entry in run_dir.iterdir():
+        if not (entry.name in BEFORE_TRAINING or (entry.suffix == ".log" and entry.is_file())):
+            return
+    shutil.rmtree(run_dir, ignore_errors=True)

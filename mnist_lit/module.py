@@ -69,6 +69,9 @@ class MNISTClassifier(L.LightningModule):
         hidden: Sequence[int] = (128, 64),
         dropout: float = 0.0,
         input_dropout: float = 0.0,
+        batch_norm: bool = False,
+        noise: float = 0.0,
+        input_noise: float = 0.0,
         optimizer: str = "adam",
         lr: float = 4e-3,
         weight_decay: float = 0.0,
@@ -87,7 +90,7 @@ class MNISTClassifier(L.LightningModule):
             raise ValueError(f"scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters()
-        self.net = MLP(hidden, dropout, input_dropout, input_size, num_classes)
+        self.net = MLP(hidden, dropout, input_dropout, batch_norm, noise, input_noise, input_size, num_classes)
         # Distorts training batches only; no weights, so checkpoints are the same with or without it.
         self.augment = BatchAugment(**(augment or {}))
         self.train_metrics = classification_metrics(num_classes, "train/")

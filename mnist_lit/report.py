@@ -38,10 +38,14 @@ TABLE_METRICS = ("val/acc_best", "val/loss", "test/acc", "test/loss", "test/f1")
 ERROR_MARKS = ("Traceback (most recent call last)", "[ERROR]")
 
 
-def parameter_count(hidden: Sequence[int], input_size: int = INPUT_SIZE, num_classes: int = NUM_CLASSES) -> int:
-    """Weights and biases of `mnist_lit.model.MLP(hidden)`: one Linear layer between each pair of widths."""
+def parameter_count(
+    hidden: Sequence[int], batch_norm: bool = False, input_size: int = INPUT_SIZE, num_classes: int = NUM_CLASSES
+) -> int:
+    """Learned numbers of `mnist_lit.model.MLP(hidden, batch_norm=...)`: one Linear layer between each
+    pair of widths, with a bias per unit, or with batch norm a shift and a scale per unit instead."""
     widths = [input_size, *hidden, num_classes]
-    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in pairwise(widths))
+    per_unit = 2 if batch_norm else 1
+    return sum(fan_in * fan_out + per_unit * fan_out for fan_in, fan_out in pairwise(widths))
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Run:
     path: Path
     overrides: list[str]
     hidden: list[int]
+    batch_norm: bool
     seed: int | None
     max_epochs: int | None
     status: str
@@ -57,7 +62,7 @@ class Run:
 
     @property
     def params(self) -> int:
-        return parameter_count(self.hidden)
+        return parameter_count(self.hidden, self.batch_norm)
 
     def metric(self, key: str) -> float | None:
         value = self.metrics.get(key)
@@ -91,6 +96,7 @@ def read_run(run_dir: Path) -> Run | None:
         path=run_dir,
         overrides=[str(override) for override in overrides],
         hidden=[int(size) for size in model["hidden"]],
+        batch_norm=bool(model.get("batch_norm", False)),
         seed=config.get("seed"),
         max_epochs=(config.get("trainer") or {}).get("max_epochs"),
         status="unfinished",

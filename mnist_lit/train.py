@@ -10,7 +10,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_lit.config import register
-from mnist_lit.errors import ConfigError, reported_as_exit
+from mnist_lit.errors import ConfigError, MnistLitError, reported_as_exit
+from mnist_lit.files import remove_unused_run_folder
 
 register()
 
@@ -22,9 +23,14 @@ def main(cfg: DictConfig) -> float | None:
     from mnist_lit.experiment import fit_and_test, print_config_tree
     from mnist_lit.search import trial_pruning
 
+    output_dir = Path(cfg.paths.output_dir)
     with reported_as_exit(), distributed_job():
-        print_config_tree(cfg, Path(cfg.paths.output_dir))
-        metrics = fit_and_test(cfg, callbacks=trial_pruning())
+        print_config_tree(cfg, output_dir)
+        try:
+            metrics = fit_and_test(cfg, callbacks=trial_pruning())
+        except MnistLitError:
+            remove_unused_run_folder(output_dir)
+            raise
     # Sweepers (e.g. Optuna) optimize what the task returns: a validation metric, never a test one.
     return metrics.get("val/acc_best")
 

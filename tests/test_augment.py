@@ -182,7 +182,7 @@ def test_presets_compose_with_and_without_augmentation() -> None:
     plain = compose_train("experiment=best_mlp_noaug")
     validate(best)
     validate(plain)
-    assert list(best.model.hidden) == list(plain.model.hidden) and plain.model.dropout > 0
+    assert plain.model.batch_norm and plain.model.noise > 0 and plain.model.input_noise > 0
     assert best.model.augment.elastic_alpha > 0 and best.model.augment.max_shift > 0
     assert BatchAugment(**plain.model.augment).is_identity
     assert compose_train().model.augment == plain.model.augment  # off unless asked for

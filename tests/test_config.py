@@ -125,6 +125,9 @@ def test_schema_rejects_unknown_keys_and_wrong_types(override: str, message: str
         ("model.dropout=1.0", "model.dropout=1.0"),
         ("model.input_dropout=-0.1", "model.input_dropout=-0.1 is not allowed: use a probability in [0, 1)"),
         ("model.label_smoothing=1.5", "model.label_smoothing=1.5"),
+        ("model.noise=-0.3", "model.noise=-0.3 is not allowed: use a standard deviation >= 0 (0: no noise)"),
+        ("model.input_noise=-1", "model.input_noise=-1.0 is not allowed: use a standard deviation >= 0"),
+        ("model.noise=0.3", "model.noise=0.3 is not allowed: it is measured against batch-normalized pre-activations"),
         ("model.max_norm=0", "model.max_norm=0.0 is not allowed: use a norm > 0, e.g. 3.5, or null"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0"),
         ("data.sha256.train_images=ab12", "data.sha256.train_images='ab12'"),
@@ -152,6 +155,8 @@ def test_gpu_requested_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch)
         ("model.hidden=[64,0]", "error: model.hidden=[64, 0] is not allowed"),
         ("model.optimzer=adam", "Key 'optimzer' not in 'ModelConfig'"),
         ("model.optimizer=rmsprop", "Invalid value 'rmsprop'"),
+        ("model.lr=1e-3", "error: MNIST mirror /nonexistent is not a folder"),  # found after the loggers started
+        ("ckpt_path=missing.ckpt", "error: checkpoint missing.ckpt does not exist"),
     ],
 )
 def test_cli_reports_bad_input_without_traceback(tmp_path: Path, override: str, message: str) -> None:
@@ -160,7 +165,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path: Path, override: str, 
     assert result.returncode != 0
     assert message in output
     assert "Traceback" not in output
-    assert not list(tmp_path.glob("outputs/runs/*/checkpoints"))
+    assert not list(tmp_path.glob("outputs/runs/*"))  # not even Hydra's record of the refused config
 
 
 def test_cli_help_lists_the_groups(tmp_path: Path) -> None:

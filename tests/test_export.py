@@ -31,10 +31,25 @@ def compose_export(*overrides: str) -> DictConfig:
         return compose("export", overrides=list(overrides))
 
 
-@pytest.mark.parametrize(("hidden", "dropout"), [([], 0.0), ([32, 16], 0.3)])
-def test_onnx_model_matches_pytorch_for_any_batch_size(tmp_path: Path, hidden: list[int], dropout: float) -> None:
+NETS = [
+    {"hidden": []},
+    {"hidden": [32, 16], "dropout": 0.3},
+    {"hidden": [32, 16], "batch_norm": True, "noise": 0.3, "input_noise": 0.5},
+]
+
+
+def eval_net(hparams: dict[str, object]) -> torch.nn.Module:
+    """The MLP in eval mode, after one training-mode batch has moved batch norm's running statistics."""
     torch.manual_seed(0)
-    net = MNISTClassifier(hidden=hidden, dropout=dropout).eval().net
+    net = MNISTClassifier(**hparams).net
+    with torch.no_grad():
+        net.train()(torch.randn(64, 1, 28, 28) * 2 + 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("hparams", NETS)
+def test_onnx_model_matches_pytorch_for_any_batch_size(tmp_path: Path, hparams: dict[str, object]) -> None:
+    net = eval_net(hparams)
     path = tmp_path / "model.onnx"
     export_onnx(net, path, {"mnist_lit.mean": "0.1307"})
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -50,9 +65,9 @@ def test_onnx_model_matches_pytorch_for_any_batch_size(tmp_path: Path, hidden: l
         np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
 
 
-def test_pt2_model_matches_pytorch_for_any_batch_size(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    net = MNISTClassifier(hidden=[32]).eval().net
+@pytest.mark.parametrize("hparams", NETS[1:])
+def test_pt2_model_matches_pytorch_for_any_batch_size(tmp_path: Path, hparams: dict[str, object]) -> None:
+    net = eval_net(hparams)
     path = tmp_path / "model.pt2"
     export_pt2(net, path, {})
     exported = pt2_runner(path)

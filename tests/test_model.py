@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mnist_lit.model import MLP
+from mnist_lit.model import MLP, NoisyBatchNorm
 from mnist_lit.module import MNISTClassifier
 
 
@@ -54,6 +55,62 @@ def test_input_dropout_drops_pixels_in_training_only() -> None:
     kept = model.train()(pixels)
     assert set(kept.unique().tolist()) == {0.0, 2.0}  # dropped, or kept and scaled by 1/(1-p)
     assert torch.equal(model.eval()(pixels), torch.ones(4, 10))
+
+
+def test_batch_norm_replaces_every_bias_with_a_shift_and_a_scale() -> None:
+    model = MLP([32, 16], batch_norm=True)
+    linears = [layer for layer in model.modules() if isinstance(layer, nn.Linear)]
+    norms = [layer for layer in model.modules() if isinstance(layer, NoisyBatchNorm)]
+    assert [linear.bias for linear in linears] == [None, None, None]
+    assert [norm.shift.numel() for norm in norms] == [32, 16, 10]  # the logits too
+    assert sum(p.numel() for p in model.parameters()) == 784 * 32 + 32 * 16 + 16 * 10 + 2 * (32 + 16 + 10)
+    torch.manual_seed(0)
+    logits = model.train()(torch.randn(512, 784) * 3 + 1)
+    # Fresh shift 0 and scale 1: each logit is normalized over the batch.
+    assert torch.allclose(logits.mean(dim=0), torch.zeros(10), atol=1e-5)
+    assert torch.allclose(logits.std(dim=0, unbiased=False), torch.ones(10), atol=1e-3)
+
+
+def test_noise_is_added_in_training_only_with_the_standard_deviation_asked_for() -> None:
+    torch.manual_seed(0)
+    images = torch.randn(4096, 784)
+    model = MLP([], batch_norm=True, noise=0.5)
+    noisy = model.train()(images)
+    model.layers[-1].noise.std = 0.0
+    clean = model(images)
+    assert (noisy - clean).std().item() == pytest.approx(0.5, rel=0.02)
+    assert (noisy - clean).mean().item() == pytest.approx(0.0, abs=0.01)
+    model.layers[-1].noise.std = 0.5
+    model.eval()
+    assert torch.equal(model(images), model(images))  # no noise, running statistics
+
+    pixels = MLP([], input_noise=2.0)
+    with torch.no_grad():
+        pixels.layers[-1].weight.copy_(torch.eye(10, 784))  # logit i = pixel i
+        pixels.layers[-1].bias.zero_()
+    ones = torch.ones(4096, 784)
+    assert (pixels.train()(ones) - 1).std().item() == pytest.approx(2.0, rel=0.02)
+    assert torch.equal(pixels.eval()(ones), torch.ones(4096, 10))
+
+
+def test_noise_without_batch_norm_is_refused() -> None:
+    with pytest.raises(ValueError, match=re.escape("noise=0.3 needs batch_norm=True")):
+        MLP([16], noise=0.3)
+
+
+def test_a_batch_norm_model_trains_checkpoints_and_predicts_deterministically(tmp_path: Path) -> None:
+    module = trained_one_step(batch_norm=True, noise=0.3, input_noise=0.5, max_norm=1.5)
+    norms = [layer for layer in module.net.modules() if isinstance(layer, NoisyBatchNorm)]
+    assert all(norm.normalize.num_batches_tracked.item() == 1 for norm in norms)
+    assert all(norm.normalize.running_var.ne(1).all() for norm in norms)  # the step updated them
+    assert max(layer.max().item() for layer in row_norms(module)[:-1]) == pytest.approx(1.5, rel=1e-5)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "m.ckpt")
+    saved = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    restored = MNISTClassifier(**saved["hyper_parameters"])
+    restored.load_state_dict(saved["state_dict"])
+    images = torch.randn(8, 784)
+    expected = module.eval().predict_step(images, 0)
+    assert torch.equal(restored.eval().predict_step(images, 0), expected)
 
 
 def test_metrics_match_values_computed_by_hand() -> None:

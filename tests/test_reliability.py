@@ -27,6 +27,7 @@ from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable, load_class
 from mnist_lit.config import MNIST_FILES, register, validate
 from mnist_lit.data import EpochShuffle, TensorBatches, ensure_mnist
 from mnist_lit.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from mnist_lit.files import remove_unused_run_folder
 from mnist_lit.module import MNISTClassifier
 from mnist_lit.preflight import check_writable
 from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_module
@@ -140,6 +141,35 @@ def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(
     expected = torch.load(uninterrupted / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     weights = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
+
+
+@pytest.mark.parametrize(
+    ("extra", "removed"),
+    [(None, True), ("checkpoints/last.ckpt", False), ("metrics.json", False), ("notes.txt", False)],
+)
+def test_only_a_folder_holding_nothing_but_what_precedes_training_is_removed(
+    tmp_path: Path, extra: str | None, removed: bool
+) -> None:
+    run_dir = tmp_path / "run"
+    for name in (".hydra/config.yaml", "train.log", "tensorboard/events.out.tfevents.1", "csv/hparams.yaml"):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("x")
+    if extra:
+        (run_dir / extra).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / extra).write_text("kept")
+    remove_unused_run_folder(run_dir)
+    assert run_dir.exists() is not removed
+    if not removed:
+        assert (run_dir / extra).read_text() == "kept"
+
+
+def test_an_input_error_on_resume_leaves_the_run_as_it_was(uninterrupted: Path, tmp_path: Path) -> None:
+    run_dir = shutil.copytree(uninterrupted, tmp_path / "run")
+    files = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    result = run_module("mnist_lit.train", f"resume={run_dir}", "model.lr=-1", cwd=tmp_path)
+    assert result.returncode == 2 and "model.lr=-1.0 is not allowed" in result.stderr
+    # The refused config is kept beside the run's own record; nothing of the run is removed or changed.
+    assert {path: path.read_bytes() for path in files} == files
 
 
 def test_sigterm_then_resume_continues_the_same_run_folder_and_tensorboard_run_exactly(

@@ -106,6 +106,8 @@ def rows(markdown: str) -> list[list[str]]:
 def test_parameter_count_matches_the_model() -> None:
     for hidden in ([], [128, 64], [512, 256, 128]):
         assert parameter_count(hidden) == sum(p.numel() for p in MLP(hidden).parameters())
+        with_norm = MLP(hidden, batch_norm=True)
+        assert parameter_count(hidden, batch_norm=True) == sum(p.numel() for p in with_norm.parameters())
     assert parameter_count([128, 64]) == 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10 == 109_386
 
 
