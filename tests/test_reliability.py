@@ -405,8 +405,7 @@ def test_cli_reports_unusable_data_without_traceback_or_half_written_files(
     assert result.returncode == 2
     assert "error: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
-    run_dir = only_run(tmp_path)
-    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.json").exists()
+    assert not list((tmp_path / "outputs" / "runs").iterdir())  # no run folder: nothing was trained
     assert not leftovers(tmp_path)
 
 
@@ -537,7 +536,7 @@ def test_training_from_a_checkpoint_carrying_code_refuses_it_and_the_code_never_
     assert result.returncode == 2
     assert "could run code" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists()
-    assert not (only_run(tmp_path) / "checkpoints").exists()
+    assert not list((tmp_path / "outputs" / "runs").iterdir())
 
 
 # ---------------------------------------------------------------------------- bad input: configs
