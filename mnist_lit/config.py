@@ -130,6 +130,7 @@ class TrainerConfig:
     limit_test_batches: Any = None
     num_sanity_val_steps: int = 0
     deterministic: Any = False
+    sync_batchnorm: bool = False  # batch norm statistics over all GPUs' batches under DDP (GPUs only)
 
 
 @dataclass
@@ -294,15 +295,20 @@ def validate_trainer(trainer: DictConfig) -> None:
         _fail("trainer.gradient_clip_val", trainer.gradient_clip_val, "use null (no clipping) or a value >= 0")
     if trainer.deterministic not in (True, False, "warn", None):
         _fail("trainer.deterministic", trainer.deterministic, "use true, false or warn")
-    if trainer.accelerator in (Accelerator.gpu, Accelerator.cuda):
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            _fail(
-                "trainer.accelerator",
-                trainer.accelerator.value,
-                "no CUDA GPU is visible on this machine; use trainer=cpu or trainer.accelerator=auto",
-            )
+    if trainer.accelerator in (Accelerator.gpu, Accelerator.cuda) and not torch.cuda.is_available():
+        _fail(
+            "trainer.accelerator",
+            trainer.accelerator.value,
+            "no CUDA GPU is visible on this machine; use trainer=cpu or trainer.accelerator=auto",
+        )
+    on_cuda = trainer.accelerator in (Accelerator.gpu, Accelerator.cuda) or (
+        trainer.accelerator == Accelerator.auto and torch.cuda.is_available()
+    )
+    if trainer.sync_batchnorm and not on_cuda:
+        # Lightning accepts it and torch's SyncBatchNorm then fails at the first training step.
+        _fail("trainer.sync_batchnorm", True, "torch syncs batch norm across CUDA GPUs only; use false here")
 
 
 def validate_callbacks(callbacks: DictConfig) -> None:

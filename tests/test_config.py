@@ -148,6 +148,22 @@ def test_gpu_requested_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch)
         validate(compose_train("trainer=gpu"))
 
 
+def test_synced_batch_norm_is_refused_without_a_gpu_and_on_by_default_for_gpu_ddp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for overrides in (["trainer.sync_batchnorm=true"], ["trainer=ddp_cpu", "trainer.sync_batchnorm=true"]):
+        with pytest.raises(ConfigError, match=re.escape("trainer.sync_batchnorm=True is not allowed: torch syncs")):
+            validate(compose_train(*overrides))
+    assert not compose_train("trainer=ddp_cpu").trainer.sync_batchnorm
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ddp = compose_train("trainer=ddp")
+    assert ddp.trainer.sync_batchnorm
+    validate(ddp)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

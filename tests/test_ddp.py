@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from mnist_lit.config import register
 from mnist_lit.experiment import to_plain
+from mnist_lit.model import MLP
 from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_module, train_on_synthetic
 
 # 500 training images, 2 ranks of 250, batches of 50: 5 steps per epoch (one process takes 10).
@@ -168,6 +169,11 @@ def test_trainer_ddp_gives_lightning_a_multi_node_ddp_trainer() -> None:
     trainer = L.Trainer(**{**kwargs, "accelerator": "cpu"}, logger=False, enable_checkpointing=False)
     assert isinstance(trainer.strategy, DDPStrategy)
     assert (trainer.num_nodes, trainer.num_devices, trainer.world_size) == (2, 4, 8)
+    # Batch norm over every GPU's share of the batch: the strategy swaps the model's norms for
+    # SyncBatchNorm at setup (its layer sync, which Lightning keeps private).
+    net = trainer.strategy._layer_sync.apply(MLP([8], batch_norm=True, noise=0.3))
+    norms = [module for module in net.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 2 and all(isinstance(norm, torch.nn.SyncBatchNorm) for norm in norms)
 
 
 def test_slurm_launcher_takes_the_job_shape_from_the_trainer() -> None:

@@ -145,6 +145,7 @@ CONFIG_VALUES = {
     "trainer.precision": st.sampled_from(["32-true", "64-true", "bf16-mixed", "16-mixed", "fp8", "32", "half"]),
     "trainer.limit_train_batches": st.none() | st.integers(-2, 5) | st.floats(-1, 2),
     "trainer.deterministic": st.sampled_from([True, False, "warn", "sometimes"]),
+    "trainer.sync_batchnorm": st.booleans(),
     "callbacks.checkpoint.monitor": st.sampled_from([*sorted(MONITORABLE), "val/accuracy", "loss"]),
     "callbacks.checkpoint.mode": st.sampled_from(["min", "max", "maximum"]),
     "callbacks.checkpoint.save_top_k": st.integers(-3, 3),
