@@ -295,20 +295,20 @@ def validate_trainer(trainer: DictConfig) -> None:
         _fail("trainer.gradient_clip_val", trainer.gradient_clip_val, "use null (no clipping) or a value >= 0")
     if trainer.deterministic not in (True, False, "warn", None):
         _fail("trainer.deterministic", trainer.deterministic, "use true, false or warn")
-    import torch
+    asks_for_cuda = trainer.accelerator in (Accelerator.gpu, Accelerator.cuda)
+    if asks_for_cuda or trainer.sync_batchnorm:
+        import torch
 
-    if trainer.accelerator in (Accelerator.gpu, Accelerator.cuda) and not torch.cuda.is_available():
-        _fail(
-            "trainer.accelerator",
-            trainer.accelerator.value,
-            "no CUDA GPU is visible on this machine; use trainer=cpu or trainer.accelerator=auto",
-        )
-    on_cuda = trainer.accelerator in (Accelerator.gpu, Accelerator.cuda) or (
-        trainer.accelerator == Accelerator.auto and torch.cuda.is_available()
-    )
-    if trainer.sync_batchnorm and not on_cuda:
-        # Lightning accepts it and torch's SyncBatchNorm then fails at the first training step.
-        _fail("trainer.sync_batchnorm", True, "torch syncs batch norm across CUDA GPUs only; use false here")
+        has_cuda = torch.cuda.is_available()
+        if asks_for_cuda and not has_cuda:
+            _fail(
+                "trainer.accelerator",
+                trainer.accelerator.value,
+                "no CUDA GPU is visible on this machine; use trainer=cpu or trainer.accelerator=auto",
+            )
+        # Lightning accepts it, and torch's SyncBatchNorm then fails at the first training step.
+        if trainer.sync_batchnorm and not (has_cuda and (asks_for_cuda or trainer.accelerator == Accelerator.auto)):
+            _fail("trainer.sync_batchnorm", True, "torch syncs batch norm across CUDA GPUs only; use false here")
 
 
 def validate_callbacks(callbacks: DictConfig) -> None:
