@@ -336,6 +336,8 @@ def print_report(report: dict[str, Any]) -> None:
     from rich import print as rich_print
     from rich.table import Table
 
+    from mnist_lit.mnist import IMAGE_SIZE, NUM_CLASSES
+
     machine = report["machine"]
     rich_print(
         f"[bold]{machine['device_name']}[/bold] ({machine['device']}), {machine['threads']} torch thread(s), "
@@ -354,7 +356,7 @@ def print_report(report: dict[str, Any]) -> None:
         for method, values in result["methods"].items():
             label = method_label(method, report["compare"])
             if method.removesuffix(COMPARED) == "numpy":
-                label += f" 784-{report['numpy_hidden']}-10"
+                label += f" {IMAGE_SIZE}-{report['numpy_hidden']}-{NUM_CLASSES}"
             table.add_row(
                 label, f"{values['median_wall_s']:.3f}", f"{values['median_cpu_s']:.3f}", f"{values['samples_per_s']:,}"
             )

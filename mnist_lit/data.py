@@ -1,8 +1,9 @@
 """MNIST as normalized tensors in memory, with an offline mirror, checksums and safe writes.
 
-torchvision downloads and parses the IDX files. Everything after that is tensor indexing: the
-60k training images are normalized once, and every batch is a slice of those tensors, which is
-what makes an epoch cost about as much as a plain PyTorch loop.
+torchvision downloads the IDX files and `mnist_lit.mnist.read_idx` checks and parses them.
+Everything after that is tensor indexing: the 60k training images are normalized once, and every
+batch is a slice of those tensors, which is what makes an epoch cost about as much as a plain
+PyTorch loop.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import gzip
 import hashlib
 import math
 import os
-import struct
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,12 +21,9 @@ import torch
 from filelock import FileLock
 from torch import Tensor
 
-from mnist_lit.config import MNIST_FILES, MNIST_SHA256
 from mnist_lit.errors import DataError
 from mnist_lit.files import atomic_path
-
-_IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
-_IMAGE_SHAPE = (28, 28)
+from mnist_lit.mnist import IMAGE_SIZE, MNIST_FILES, MNIST_MEAN, MNIST_SHA256, MNIST_STD, NUM_CLASSES, IdxKind, read_idx
 
 
 def sha256_of(path: Path) -> str:
@@ -37,36 +34,9 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_idx(path: Path, kind: str) -> int:
-    """Check an uncompressed IDX file's header against its size; return its item count.
-
-    torchvision's parser trusts the header, so a wrong magic number or a truncated payload
-    would otherwise surface as a reshape error deep inside torch.
-    """
-    expected_magic = _IDX_MAGIC[kind]
-    ndim = expected_magic & 0xFF
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        header = file.read(4 + 4 * ndim)
-    if len(header) < 4 + 4 * ndim:
-        raise DataError(f"{path}: file is too short to be an IDX {kind} file ({size} bytes).")
-    (magic,) = struct.unpack(">i", header[:4])
-    if magic != expected_magic:
-        raise DataError(
-            f"{path}: wrong IDX magic number {magic:#010x}, expected {expected_magic:#010x} "
-            f"for MNIST {kind}; the file is not an MNIST {kind} file."
-        )
-    dims = struct.unpack(f">{ndim}i", header[4:])
-    if dims[0] <= 0:  # torchvision's parser crashes on an empty payload
-        raise DataError(f"{path}: the header promises {dims[0]} {kind}; an MNIST file holds at least one.")
-    if kind == "images" and tuple(dims[1:]) != _IMAGE_SHAPE:
-        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, MNIST images are 28x28.")
-    if size != len(header) + math.prod(dims):
-        raise DataError(
-            f"{path}: header promises {dims[0]} {kind} ({len(header) + math.prod(dims)} bytes) "
-            f"but the file has {size} bytes; it is truncated or corrupt."
-        )
-    return dims[0]
+def check_idx(path: Path, kind: IdxKind) -> int:
+    """The item count of an IDX file that passes `read_idx`'s checks (tests/test_fuzz.py imports it from here)."""
+    return read_idx(path, kind).shape[0]
 
 
 def _source_in_mirror(mirror: Path, name: str) -> Path | None:
@@ -165,22 +135,18 @@ def _download(root: Path, keys: list[str]) -> None:
 
 
 def load_split(raw_dir: Path, train: bool, mean: float, std: float) -> tuple[Tensor, Tensor]:
-    """Parse one split with torchvision and normalize it once: float32 [N, 784] and int64 [N]."""
-    from torchvision.datasets import MNIST
-
+    """Read one split's checked IDX files and normalize it once: float32 [N, 784] and int64 [N]."""
     prefix = "train" if train else "test"
-    count = check_idx(raw_dir / MNIST_FILES[f"{prefix}_images"], "images")
-    label_count = check_idx(raw_dir / MNIST_FILES[f"{prefix}_labels"], "labels")
+    images = torch.from_numpy(read_idx(raw_dir / MNIST_FILES[f"{prefix}_images"], "images"))
+    labels = torch.from_numpy(read_idx(raw_dir / MNIST_FILES[f"{prefix}_labels"], "labels")).long()
+    count, label_count = images.shape[0], labels.shape[0]
     if count != label_count:
         raise DataError(
             f"{raw_dir}: {count} {prefix} images but {label_count} labels; the files do not belong together."
         )
-    dataset = MNIST(str(raw_dir.parent.parent), train=train, download=False)
-    labels = dataset.targets.long()
-    if labels.numel() and (labels.min() < 0 or labels.max() > 9):
+    if labels.max() >= NUM_CLASSES:  # uint8, so never below 0; read_idx refuses empty files
         raise DataError(f"{raw_dir / MNIST_FILES[f'{prefix}_labels']}: labels outside 0-9.")
-    images = dataset.data.reshape(count, -1).float().div_(255).sub_(mean).div_(std)
-    return images, labels
+    return images.reshape(count, IMAGE_SIZE).float().div_(255).sub_(mean).div_(std), labels
 
 
 class EpochShuffle:
@@ -281,8 +247,8 @@ class MNISTDataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
         batch_size: int = 64,
         eval_batch_size: int = 1000,
-        mean: float = 0.1307,
-        std: float = 0.3081,
+        mean: float = MNIST_MEAN,
+        std: float = MNIST_STD,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -19,12 +19,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_lit.errors import MnistLitError
+from mnist_lit.mnist import IMAGE_SHAPE, MNIST_MEAN, MNIST_STD
 
-# Statistics of the MNIST training set, as used by the usual torchvision Normalize.
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
-
-MNIST_SIZE = 28
+MNIST_SIZE = IMAGE_SHAPE[0]  # the field is square
 # MNIST digits were scaled so that their longer side fits a 20x20 box ...
 DIGIT_BOX = 20
 # ... and shifted so that their centre of mass lies at the field's centre, here in

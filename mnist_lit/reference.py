@@ -22,21 +22,15 @@ folder holding the four IDX files (gzipped or not).
 from __future__ import annotations
 
 import argparse
-import gzip
 import math
 import os
-import struct
 import time
 from pathlib import Path
 from typing import NamedTuple, TypedDict
 
 import numpy as np
 
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
-
-# IDX magic numbers: 0x08 = unsigned byte data, last byte = number of dimensions.
-_IDX_NDIM = {0x00000801: 1, 0x00000803: 3}
+from mnist_lit.mnist import IMAGE_SIZE, MNIST_FILES, MNIST_MEAN, MNIST_STD, NUM_CLASSES, IdxKind, read_idx
 
 
 class ForwardCache(NamedTuple):
@@ -60,9 +54,9 @@ class NumpyMLP:
 
     def __init__(
         self,
-        input_size: int = 784,
+        input_size: int = IMAGE_SIZE,
         hidden: int = 128,
-        num_classes: int = 10,
+        num_classes: int = NUM_CLASSES,
         seed: int = 0,
         dtype: type[np.floating] = np.float32,
     ) -> None:
@@ -162,7 +156,7 @@ def train_reference(
     seed: int = 0,
     *,
     hidden: int = 128,
-    num_classes: int = 10,
+    num_classes: int = NUM_CLASSES,
     momentum: float = 0.0,
 ) -> TrainResult:
     """Train a fresh ``NumpyMLP`` with mini-batch SGD and evaluate it.
@@ -203,33 +197,6 @@ def train_reference(
     }
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an MNIST IDX file (images 0x00000803 or labels 0x00000801) as uint8.
-
-    Gzip is detected from the content, not the file name, so renamed files work.
-    The header's shape must account for every byte, which catches truncated files.
-    """
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    magic = struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else None
-    if magic not in _IDX_NDIM:
-        found = "none (file too short)" if magic is None else f"0x{magic:08x}"
-        raise ValueError(
-            f"{path}: not an MNIST IDX file: magic number {found}, expected 0x00000803 (images) or 0x00000801 (labels)"
-        )
-    ndim = _IDX_NDIM[magic]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: IDX header truncated")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    if len(raw) - header != math.prod(shape):
-        raise ValueError(
-            f"{path}: header shape {shape} needs {math.prod(shape)} bytes of data, file has {len(raw) - header}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
-
-
 def _find_idx(data_dir: Path, stem: str) -> Path:
     for candidate in (data_dir / stem, data_dir / f"{stem}.gz"):
         if candidate.is_file():
@@ -240,26 +207,24 @@ def _find_idx(data_dir: Path, stem: str) -> Path:
 def load_mnist(
     data_dir: str | os.PathLike[str],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Load MNIST from the four IDX files, normalised and flattened.
+    """Load MNIST from the four IDX files (each gzipped or not), normalised and flattened.
 
     Returns ``(x_train, y_train, x_test, y_test)``: images as float32 [N, 784] scaled
     to [0, 1] then standardised with the usual training mean and std, labels int64.
     """
     root = Path(data_dir)
 
-    def images(stem: str) -> np.ndarray:
-        x = read_idx(_find_idx(root, stem)).reshape(-1, 28 * 28).astype(np.float32)
+    def read(key: str, kind: IdxKind) -> np.ndarray:
+        return read_idx(_find_idx(root, MNIST_FILES[key]), kind)
+
+    def images(key: str) -> np.ndarray:
+        x = read(key, "images").reshape(-1, IMAGE_SIZE).astype(np.float32)
         return (x / 255.0 - MNIST_MEAN) / MNIST_STD
 
-    def labels(stem: str) -> np.ndarray:
-        return read_idx(_find_idx(root, stem)).astype(np.int64)
+    def labels(key: str) -> np.ndarray:
+        return read(key, "labels").astype(np.int64)
 
-    return (
-        images("train-images-idx3-ubyte"),
-        labels("train-labels-idx1-ubyte"),
-        images("t10k-images-idx3-ubyte"),
-        labels("t10k-labels-idx1-ubyte"),
-    )
+    return images("train_images"), labels("train_labels"), images("test_images"), labels("test_labels")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,7 @@
 A run folder is any folder with `.hydra/config.yaml` under the given paths: single runs and the
 jobs of multiruns and Optuna searches alike (eval, predict and export folders have no model and
 are left out). Each run is read from the files it leaves: `.hydra/overrides.yaml`,
-`.hydra/config.yaml` (the layer sizes, for the parameter count) and `metrics.json`. Runs that
+`.hydra/config.yaml` (the model settings, for the parameter count) and `metrics.json`. Runs that
 did not complete are listed with their state:
 - the status in their metrics.json ("pruned", "interrupted", "diverged"),
 - "failed": no metrics.json, and the run's log shows an error,
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,6 @@ import yaml
 from mnist_lit.errors import ReportError, reported_as_exit
 from mnist_lit.files import atomic_path
 
-INPUT_SIZE = 28 * 28
-NUM_CLASSES = 10
 # The metrics the Markdown table shows (the CSV has every metric of metrics.json).
 TABLE_METRICS = ("val/acc_best", "val/loss", "test/acc", "test/loss", "test/f1")
 # Lines of a run's log that mean it failed: Python's traceback header, and records at level ERROR
@@ -38,14 +36,23 @@ TABLE_METRICS = ("val/acc_best", "val/loss", "test/acc", "test/loss", "test/f1")
 ERROR_MARKS = ("Traceback (most recent call last)", "[ERROR]")
 
 
-def parameter_count(
-    hidden: Sequence[int], batch_norm: bool = False, input_size: int = INPUT_SIZE, num_classes: int = NUM_CLASSES
-) -> int:
-    """Learned numbers of `mnist_lit.model.MLP(hidden, batch_norm=...)`: one Linear layer between each
-    pair of widths, with a bias per unit, or with batch norm a shift and a scale per unit instead."""
-    widths = [input_size, *hidden, num_classes]
-    per_unit = 2 if batch_norm else 1
-    return sum(fan_in * fan_out + per_unit * fan_out for fan_in, fan_out in pairwise(widths))
+@functools.cache
+def _parameter_count(hidden: tuple[int, ...], batch_norm: bool) -> int:
+    # torch only here: the report's other work needs none. On the meta device the layers get shapes but no
+    # memory and no initialization, so even a wide model costs next to nothing to count.
+    import torch
+
+    from mnist_lit.model import MLP
+
+    with torch.device("meta"):
+        model = MLP(hidden, batch_norm=batch_norm)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def parameter_count(hidden: Sequence[int], batch_norm: bool = False) -> int:
+    """Learned numbers of `mnist_lit.model.MLP(hidden, batch_norm=...)`, asked of the model itself, so
+    that the count follows any change to its layers. Only these two settings change the count."""
+    return _parameter_count(tuple(hidden), batch_norm)
 
 
 @dataclass

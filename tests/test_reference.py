@@ -24,7 +24,6 @@ from mnist_lit.reference import (
     NumpyMLP,
     accuracy,
     load_mnist,
-    read_idx,
     train_reference,
 )
 
@@ -132,34 +131,6 @@ def test_training_on_separable_data_lowers_loss_and_raises_accuracy() -> None:
 
 def _idx_bytes(magic: int, shape: tuple[int, ...], data: bytes) -> bytes:
     return struct.pack(f">I{len(shape)}I", magic, *shape) + data
-
-
-def test_read_idx_parses_plain_and_gzipped_files(tmp_path: Path) -> None:
-    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    labels = np.array([7, 0, 255], dtype=np.uint8)
-    img_raw = _idx_bytes(0x00000803, images.shape, images.tobytes())
-    (tmp_path / "images").write_bytes(img_raw)
-    # Gzip is detected from content, so a compressed file without .gz also works.
-    (tmp_path / "images.gz").write_bytes(gzip.compress(img_raw))
-    (tmp_path / "labels").write_bytes(_idx_bytes(0x00000801, (3,), labels.tobytes()))
-
-    for name in ("images", "images.gz"):
-        got = read_idx(tmp_path / name)
-        assert got.dtype == np.uint8
-        np.testing.assert_array_equal(got, images)
-    np.testing.assert_array_equal(read_idx(tmp_path / "labels"), labels)
-
-
-def test_read_idx_rejects_wrong_magic_and_truncated_files(tmp_path: Path) -> None:
-    bad = tmp_path / "bad"
-    bad.write_bytes(_idx_bytes(0x00000802, (2, 2), bytes(4)))
-    with pytest.raises(ValueError, match=r"magic number 0x00000802.*0x00000803"):
-        read_idx(bad)
-
-    short = tmp_path / "short"
-    short.write_bytes(_idx_bytes(0x00000801, (5,), bytes(3)))
-    with pytest.raises(ValueError, match="needs 5 bytes"):
-        read_idx(short)
 
 
 def test_load_mnist_normalises_and_flattens(tmp_path: Path) -> None:
