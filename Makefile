@@ -4,7 +4,9 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test test-fast sweep search report results bench predict export tensorboard lint format clean
+.DEFAULT_GOAL := help
+
+.PHONY: help install train test test-fast sweep search report results bench predict export tensorboard lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,7 +14,10 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m pip install -e ".[dev]"
 	touch $@
 
-install: $(INSTALLED)
+help:  ## this list (`make` alone shows it too)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(INSTALLED)  ## .venv with the project (editable) and its dev extras; redone when pyproject.toml changes
 
 train: $(INSTALLED)  ## the default 784-128-64-10 MLP; extra overrides: make train ARGS="model.lr=3e-3"
 	$(PYTHON) -m mnist_lit.train $(ARGS)
@@ -20,7 +25,7 @@ train: $(INSTALLED)  ## the default 784-128-64-10 MLP; extra overrides: make tra
 test: $(INSTALLED)  ## everything, the slow real-MNIST tests included (they need MNIST_MIRROR or the network)
 	$(PYTHON) -m pytest
 
-test-fast: $(INSTALLED)
+test-fast: $(INSTALLED)  ## the tests without the slow real-MNIST ones: no dataset needed
 	$(PYTHON) -m pytest -m "not slow"
 
 sweep: $(INSTALLED)  ## 4 jobs: two architectures x two learning rates; side by side: ARGS=hydra/launcher=joblib
@@ -51,14 +56,14 @@ export: $(INSTALLED)  ## make export ARGS="ckpt_path=... output=model.onnx"
 bench: $(INSTALLED)  ## epoch times of mnist_lit vs the classic pipeline, a plain loop, NumPy; e.g. ARGS="--repeats 3"
 	$(PYTHON) -m mnist_lit.bench --json outputs/bench.json $(ARGS)
 
-tensorboard: $(INSTALLED)
+tensorboard: $(INSTALLED)  ## TensorBoard over every run under outputs/
 	$(VENV)/bin/tensorboard --logdir outputs
 
-lint: $(INSTALLED)
+lint: $(INSTALLED)  ## ruff format --check and ruff check, the checks .pre-commit-config.yaml runs
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-format: $(INSTALLED)
+format: $(INSTALLED)  ## ruff format, then ruff check --fix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 

@@ -11,7 +11,7 @@ from mnist_lit.errors import reported_as_exit
 register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path="pkg://mnist_lit.conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     from mnist_lit.inference import predict
 

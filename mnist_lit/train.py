@@ -16,7 +16,7 @@ from mnist_lit.files import remove_unused_run_folder
 register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://mnist_lit.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     # Imported here so that --help and --cfg answer without loading torch.
     from mnist_lit.distributed import distributed_job
