@@ -32,7 +32,7 @@ sweep: $(INSTALLED)  ## 4 jobs: two architectures x two learning rates; side by 
 	$(PYTHON) -m mnist_lit.train -m 'model.hidden=[128,64],[256,128]' model.lr=1e-3,3e-3 $(ARGS)
 
 search: $(INSTALLED)  ## short Optuna search, a few minutes on CPU; resume: make search ARGS=hydra.sweep.dir=outputs/multiruns/<sweep>
-	$(PYTHON) -m mnist_lit.train -m hparams_search=optuna hydra.sweeper.n_trials=6 trainer.max_epochs=2 data.batch_size=256 $(ARGS)
+	$(PYTHON) -m mnist_lit.train hparams_search=optuna hydra.sweeper.n_trials=6 trainer.max_epochs=2 data.batch_size=256 $(ARGS)
 
 report: $(INSTALLED)  ## compare runs: make report RUNS=outputs/multiruns/<sweep> (default: everything under outputs)
 	$(PYTHON) -m mnist_lit.report $(or $(RUNS),outputs) --csv outputs/report.csv --plot outputs/report.png $(ARGS)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mnist_lit.errors import SettingError, require_finite
+
 
 def gaussian_kernel(sigma: float, device: torch.device) -> Tensor:
     """A normalized 1D Gaussian over +-3 sigma."""
@@ -52,12 +54,25 @@ class BatchAugment(nn.Module):
         size: int = 28,
     ) -> None:
         super().__init__()
-        if min(max_shift, max_rotation, max_scale, elastic_alpha) < 0 or max_scale >= 1 or elastic_sigma <= 0:
-            raise ValueError(
-                "augmentation magnitudes must be >= 0, max_scale < 1 and elastic_sigma > 0; got "
-                f"max_shift={max_shift}, max_rotation={max_rotation}, max_scale={max_scale}, "
-                f"elastic_alpha={elastic_alpha}, elastic_sigma={elastic_sigma}"
-            )
+        require_finite(
+            max_shift=max_shift,
+            max_rotation=max_rotation,
+            max_scale=max_scale,
+            elastic_alpha=elastic_alpha,
+            elastic_sigma=elastic_sigma,
+        )
+        for name, magnitude in (
+            ("max_shift", max_shift),
+            ("max_rotation", max_rotation),
+            ("max_scale", max_scale),
+            ("elastic_alpha", elastic_alpha),
+        ):
+            if magnitude < 0:
+                raise SettingError(name, magnitude, "magnitudes must be >= 0 (0 turns a distortion off)")
+        if max_scale >= 1:
+            raise SettingError("max_scale", max_scale, "use a fraction below 1, e.g. 0.1 for 90%-110%")
+        if elastic_sigma <= 0:
+            raise SettingError("elastic_sigma", elastic_sigma, "use a smoothing width > 0 pixels, e.g. 4")
         self.max_shift = max_shift
         self.max_rotation = max_rotation
         self.max_scale = max_scale

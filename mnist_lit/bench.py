@@ -69,7 +69,6 @@ METHODS = {
     "lightning": "(e) Lightning floor (barebones)",
 }
 COMPARED = "+"  # suffix of a method's key when timed with the --compare overrides
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 WARMUP_STEPS = 20
 STARTUP_COMMANDS = {
     "interpreter": ["-c", "pass"],
@@ -127,7 +126,7 @@ def epoch_timer(device: torch.device) -> L.Callback:
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The training config `mnist_lit.train` would run with these overrides."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -136,18 +135,17 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
     register()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_module(config_module="mnist_lit.conf", version_base="1.3"):
             return compose("train", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(str(err)) from None
 
 
 def time_mnist_lit(cfg: DictConfig, device: torch.device) -> Timing:
-    from mnist_lit.experiment import build_trainer, prepare
+    from mnist_lit.experiment import build_run
 
-    datamodule, model = prepare(cfg)
     timer = epoch_timer(device)
-    trainer = build_trainer(cfg, Path(cfg.paths.output_dir), [timer])
+    datamodule, model, trainer = build_run(cfg, [timer])
     trainer.fit(model, datamodule=datamodule)
     return timer.timing
 
@@ -156,24 +154,22 @@ def time_classic(cfg: DictConfig, device: torch.device) -> Timing:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from mnist_lit.experiment import build_trainer, prepare
+    from mnist_lit.experiment import build_run
 
-    _, model = prepare(cfg)
+    timer = epoch_timer(device)
+    _, model, trainer = build_run(cfg, [timer])
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((cfg.data.mean,), (cfg.data.std,))])
     dataset = datasets.MNIST(cfg.data.root, train=True, transform=transform)
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True)
-    timer = epoch_timer(device)
-    trainer = build_trainer(cfg, Path(cfg.paths.output_dir), [timer])
     trainer.fit(model, train_dataloaders=loader)
     return timer.timing
 
 
 def configured_mlp(cfg: DictConfig) -> MLP:
     """The MLP `cfg.model` asks for, compiled in place when `cfg.compile` is set, as training builds it."""
-    from mnist_lit.model import MLP
+    from mnist_lit.config import build
 
-    model = cfg.model
-    net = MLP(model.hidden, model.dropout, model.input_dropout, model.batch_norm, model.noise, model.input_noise)
+    net = build(cfg.model, "model").net
     if cfg.compile:
         net.compile()
     return net
@@ -181,16 +177,17 @@ def configured_mlp(cfg: DictConfig) -> MLP:
 
 def configured_optimizer(cfg: DictConfig, parameters: Any, steps: int) -> tuple[Any, Any]:
     """The optimizer and schedule `cfg.model` asks for, as the LightningModule builds them."""
+    from mnist_lit.config import to_plain
     from mnist_lit.module import make_optimizer
 
-    model = cfg.model
+    model = to_plain(cfg.model)
     return make_optimizer(
         parameters,
-        model.optimizer.value,
-        model.lr,
-        model.weight_decay,
-        model.momentum,
-        model.scheduler.value,
+        model["optimizer"],
+        model["lr"],
+        model["weight_decay"],
+        model["momentum"],
+        model["scheduler"],
         total_steps=steps,
     )
 
@@ -248,7 +245,7 @@ def time_lightning_floor(cfg: DictConfig, images: Tensor, labels: Tensor, steps:
     timer = epoch_timer(images.device)
     trainer = L.Trainer(
         barebones=True,
-        accelerator=cfg.trainer.accelerator.value,
+        accelerator=cfg.trainer.accelerator,
         devices=1,
         precision=cfg.trainer.precision,
         max_epochs=1,
@@ -419,10 +416,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import lightning
     import torch
 
-    from mnist_lit.config import validate
-    from mnist_lit.data import MNISTDataModule
+    from mnist_lit.config import build
     from mnist_lit.errors import ConfigError
-    from mnist_lit.experiment import to_plain
+    from mnist_lit.experiment import build_run
 
     quiet_lightning()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -446,19 +442,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "trainer.limit_val_batches=0",
                 f"trainer.accelerator={accelerator}",
                 "trainer.devices=1",
-                "callbacks.progress=lines",  # what sweeps and CI use; a progress bar would print here
+                "callbacks.progress.mode=lines",  # what sweeps and CI use; a progress bar would print here
                 f"paths.output_dir={scratch / f'{key}-{batch_size}-{run}'}",
             ]
         )
 
     base = config(args.batch_sizes[0], 1, "data", "base")
-    validate(base)
+    build_run(base)
     keys = [*args.methods, *([f"{method}{COMPARED}" for method in args.methods] if args.compare else [])]
     if args.compare:  # a bad --compare override fails here too, before any timing
-        validate(config(args.batch_sizes[0], 1, COMPARED, "base"))
+        build_run(config(args.batch_sizes[0], 1, COMPARED, "base"))
     if base.threads is not None:
         torch.set_num_threads(base.threads)
-    datamodule = MNISTDataModule(**to_plain(base.data))
+    datamodule = build(base.data, "data")
     datamodule.prepare_data()
     datamodule.setup("fit")
     images, labels = (tensor.to(device) for tensor in datamodule.splits["train"])

@@ -7,22 +7,23 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassPrecision, MulticlassRecall
 
-from mnist_lit.errors import ConfigError, Interrupted, TrainingDiverged
+from mnist_lit.errors import ConfigError, Interrupted, SettingError, TrainingDiverged
 
 if TYPE_CHECKING:
     import optuna
@@ -66,6 +67,18 @@ class EpochSummary(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.seconds is not None:
             self._print(trainer, trainer.current_epoch - 1)
+
+
+def progress_display(mode: Literal["auto", "bar", "lines", "none"] = "auto") -> Callback | None:
+    """What shows training's progress: a bar in a terminal (`auto`'s choice there), one line per
+    epoch otherwise (logs, CI, multirun jobs), or nothing."""
+    if mode == "auto":
+        mode = "bar" if sys.stdout.isatty() else "lines"
+    if mode == "bar":
+        return TQDMProgressBar(refresh_rate=20)
+    if mode == "lines":
+        return EpochSummary()
+    return None
 
 
 class TrialPruning(Callback):
@@ -187,6 +200,10 @@ class GracefulStop(Callback):
     ) -> None:
         if batch_idx + 1 == trainer.num_training_batches:
             return
+        # Between two optimizer steps only: gradients accumulated over part of a step
+        # (trainer.accumulate_grad_batches) are in no checkpoint.
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
         if trainer.world_size > 1:
             if trainer.global_step % CHECK_EVERY_N_STEPS:
                 return
@@ -210,7 +227,11 @@ class StopOnDivergence(Callback):
     few steps; the message still names the first bad step. On the CPU every step is checked.
     """
 
-    def __init__(self, max_loss: float | None = 1e3) -> None:
+    # Optional[...] rather than `float | None`: hydra-zen turns the latter into an unchecked Any.
+    def __init__(self, max_loss: Optional[float] = 1e3) -> None:  # noqa: UP045
+        """max_loss: stop above it (and on NaN/inf); None: on NaN/inf only."""
+        if max_loss is not None and not (math.isfinite(max_loss) and max_loss > 0):
+            raise SettingError("max_loss", max_loss, "use null (NaN/inf only) or a loss > 0, e.g. 1000")
         self.max_loss = math.inf if max_loss is None else max_loss
         self.pending: list[Tensor] = []  # losses not yet checked, all from the current epoch
 
@@ -237,7 +258,11 @@ class StopOnDivergence(Callback):
         raise TrainingDiverged(self.message(trainer, losses[bad].item(), batch_idx - steps_ago, steps_ago))
 
     def message(self, trainer: L.Trainer, loss: float, batch_idx: int, steps_ago: int) -> str:
-        what = f"became {loss}" if not math.isfinite(loss) else f"reached {loss:.3g}, above callbacks.max_train_loss"
+        what = (
+            f"became {loss}"
+            if not math.isfinite(loss)
+            else f"reached {loss:.3g}, above callbacks.stop_on_divergence.max_loss"
+        )
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         kept = (

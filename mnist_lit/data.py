@@ -15,15 +15,16 @@ import os
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
 from filelock import FileLock
 from torch import Tensor
 
-from mnist_lit.errors import DataError
+from mnist_lit.errors import DataError, SettingError, require_finite
 from mnist_lit.files import atomic_path
-from mnist_lit.mnist import IMAGE_SIZE, MNIST_FILES, MNIST_MEAN, MNIST_SHA256, MNIST_STD, NUM_CLASSES, IdxKind, read_idx
+from mnist_lit.mnist import IMAGE_SIZE, MNIST_FILES, MNIST_MEAN, MNIST_SHA256, MNIST_STD, NUM_CLASSES, read_idx
 
 
 def sha256_of(path: Path) -> str:
@@ -32,11 +33,6 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def check_idx(path: Path, kind: IdxKind) -> int:
-    """The item count of an IDX file that passes `read_idx`'s checks (tests/test_fuzz.py imports it from here)."""
-    return read_idx(path, kind).shape[0]
 
 
 def _source_in_mirror(mirror: Path, name: str) -> Path | None:
@@ -240,8 +236,9 @@ class MNISTDataModule(L.LightningDataModule):
     def __init__(
         self,
         root: str = "data",
-        mirror: str | None = None,
-        sha256: Mapping[str, str] = MNIST_SHA256,
+        # Optional[...] and dict rather than `str | None` and Mapping: hydra-zen turns those into an unchecked Any.
+        mirror: Optional[str] = None,  # noqa: UP045
+        sha256: dict[str, str] = MNIST_SHA256,
         val_size: int = 5000,
         split_seed: int = 1234,
         shuffle_seed: int = 0,
@@ -250,7 +247,31 @@ class MNISTDataModule(L.LightningDataModule):
         mean: float = MNIST_MEAN,
         std: float = MNIST_STD,
     ) -> None:
+        """
+        Args:
+            root: the files go to `<root>/MNIST/raw`.
+            mirror: a local folder holding the four files (gzipped or not), used instead of the network.
+            sha256: of each file's uncompressed payload, by key of `MNIST_FILES`.
+            val_size: images of the 60k training set held out for validation.
+            split_seed: seed of the train/validation split, apart from the run's seed.
+            shuffle_seed: seed of the training order (a fresh permutation per epoch).
+            batch_size, eval_batch_size: of training; of validation and test.
+            mean, std: of the training pixels in [0, 1], to normalize with.
+        """
         super().__init__()
+        require_finite(mean=mean, std=std)
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value <= 0:
+                raise SettingError(name, value, "use a positive integer, e.g. 64")
+        if val_size <= 0:
+            raise SettingError("val_size", val_size, "use a positive number of validation images")
+        if std <= 0:
+            raise SettingError("std", std, "the normalization std must be > 0")
+        if set(sha256) != set(MNIST_FILES):
+            raise SettingError("sha256", dict(sha256), f"give exactly the keys {sorted(MNIST_FILES)}")
+        for key, digest in sha256.items():
+            if len(digest) != 64 or any(char not in "0123456789abcdef" for char in digest):
+                raise SettingError(f"sha256.{key}", digest, "a sha256 is 64 lowercase hex digits")
         self.save_hyperparameters()
         self.raw_dir = Path(root).resolve() / "MNIST" / "raw"
         self.mirror = mirror

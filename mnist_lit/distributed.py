@@ -27,7 +27,7 @@ from omegaconf import read_write
 def distributed_job() -> Iterator[None]:
     """Within this context, Lightning's DDP finds or starts the ranks of the current Hydra job.
 
-    In a multirun job, `sys.argv` becomes the job's own overrides and `hydra.run.dir` its folder,
+    In a multirun job, `sys.argv` becomes the job's own overrides, as a single run, and `hydra.run.dir` its folder,
     so that Lightning re-runs this job alone. Afterwards the launcher's traces are undone, since
     the next job of the sweep runs in this process: its environment variables (LOCAL_RANK,
     WORLD_SIZE, MASTER_PORT, ...) would make the next Trainer believe its ranks had been started
@@ -39,7 +39,8 @@ def distributed_job() -> Iterator[None]:
         yield
         return
     argv, environ, threads = sys.argv, dict(os.environ), torch.get_num_threads()
-    sys.argv = [sys.argv[0], *hydra.overrides.task]
+    # hydra.mode=RUN: a job's overrides may switch to multirun themselves (hparams_search=optuna).
+    sys.argv = [sys.argv[0], *hydra.overrides.task, "hydra.mode=RUN"]
     with read_write(hydra.run):
         hydra.run.dir = hydra.runtime.output_dir
     if os.environ.get("SUBMITIT_EXECUTOR") == "local" and int(os.environ["SUBMITIT_LOCAL_NTASKS"]) > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,32 @@ class MnistLitError(Exception):
 
 class ConfigError(MnistLitError):
     """A config value that is well-typed but not allowed."""
+
+
+class SettingError(ValueError):
+    """An argument outside what its constructor allows: its name, the value, and what is allowed.
+
+    Raised by the constructors that own the values (`MLP`, `MNISTClassifier`, `MNISTDataModule`,
+    `BatchAugment`), so each range check is written once, beside the code it protects. A run builds
+    them under their config key and re-raises `at(key)`: `model.lr=0.0 is not allowed: ...`.
+    """
+
+    def __init__(self, name: str, value: object, allowed: str) -> None:
+        self.name = name
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{name}={value!r} is not allowed: {allowed}.")
+
+    def at(self, key: str) -> ConfigError:
+        """The same refusal, named by the full config key of the object being built, e.g. `model`."""
+        return ConfigError(f"{key}.{self.name}={self.value!r} is not allowed: {self.allowed}.")
+
+
+def require_finite(**values: float | None) -> None:
+    """NaN passes every comparison check, and inf turns a whole run into NaN: refuse both."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise SettingError(name, value, "use a finite number")
 
 
 class DataError(MnistLitError):

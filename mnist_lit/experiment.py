@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -15,25 +15,19 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_lit.callbacks import (
-    ClassificationReport,
-    EpochSummary,
-    GracefulStop,
-    ParameterHistograms,
-    StopOnDivergence,
-)
+from mnist_lit.callbacks import GracefulStop
 from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable
-from mnist_lit.config import require, validate, validate_trainer
+from mnist_lit.config import arguments, build, check_arguments, require, to_plain
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import ConfigError, Interrupted, TrainingDiverged
 from mnist_lit.files import atomic_path
-from mnist_lit.module import MNISTClassifier
+from mnist_lit.module import MONITORABLE, MNISTClassifier
 
 # Lightning advertises a cloud service on every run, and trips over its own pytree deprecation.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
@@ -54,104 +48,163 @@ log = logging.getLogger(__name__)
 HPARAM_METRICS = ("val/acc_best", "val/loss", "test/acc", "test/loss", "test/precision", "test/recall", "test/f1")
 
 
-def to_plain(node: DictConfig) -> dict[str, Any]:
-    """A config node as plain Python values (enums as their names), fit for hyperparameters."""
-    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+# trainer.* arguments the run sets itself, and where a user sets each instead.
+MANAGED_TRAINER_ARGUMENTS = {
+    "logger": "choose loggers with logger=<name> (conf/logger/)",
+    "callbacks": "add one with '+callbacks.<name>={_target_:...}', remove one with ~callbacks.<name>",
+    "plugins": "checkpoints are written by mnist_lit's atomic writer; other plugins are not supported",
+    "default_root_dir": "the run folder is set by Hydra: use paths.output_root=<folder>",
+}
 
 
-def build_logger(kind: str, output_dir: Path) -> Logger | None:
-    if kind == "tensorboard":
-        return TensorBoardLogger(save_dir=output_dir, name="tensorboard", version="", default_hp_metric=False)
-    if kind == "csv":
-        return CSVLogger(save_dir=output_dir, name="csv", version="")
-    return None
-
-
-def build_callbacks(cfg: DictConfig, output_dir: Path, has_logger: bool) -> list[Callback]:
-    checkpoint = cfg.checkpoint
-    checkpoints = output_dir / "checkpoints"
-    callbacks: list[Callback] = [
-        # First the loss check: a diverged step must never reach the interrupt's checkpoint.
-        StopOnDivergence(max_loss=cfg.max_train_loss),
-        GracefulStop(ckpt_path=checkpoints / "last.ckpt"),
-        ModelCheckpoint(
-            dirpath=checkpoints,
-            filename="best-epoch{epoch:02d}-acc{" + checkpoint.monitor + ":.4f}",
-            auto_insert_metric_name=False,
-            monitor=checkpoint.monitor,
-            mode=checkpoint.mode,
-            save_top_k=checkpoint.save_top_k,
-        ),
-    ]
-    if checkpoint.save_last:
-        # Lightning's own save_last refreshes last.ckpt only in epochs that also save a best
-        # checkpoint; this one follows every epoch, so resuming never repeats one.
-        callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", enable_version_counter=False))
-    early = cfg.early_stopping
-    if early.patience is not None:
-        callbacks.append(
-            EarlyStopping(monitor=early.monitor, mode=early.mode, patience=early.patience, min_delta=early.min_delta)
+def trainer_arguments(trainer: DictConfig) -> dict[str, Any]:
+    """`lightning.Trainer`'s arguments from `trainer.*`, type-checked, with what Lightning accepts
+    but fails on later, mid-run, or what would break a guarantee of this project, refused now."""
+    check_arguments(to_plain(trainer), "trainer")
+    kwargs = arguments(trainer)
+    for key, instead in MANAGED_TRAINER_ARGUMENTS.items():
+        if kwargs[key] is not None:
+            raise ConfigError(f"trainer.{key} is set by mnist_lit: {instead}.")
+    if kwargs["barebones"]:
+        raise ConfigError(
+            "trainer.barebones=True is not allowed: it turns off logging, which val/acc_best, checkpoint "
+            "selection and metrics.json need. For speed, see `make bench`."
         )
-    if cfg.lr_monitor and has_logger:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    # Both write to TensorBoard only, and do nothing with another logger.
-    if cfg.test_report and has_logger:
-        callbacks.append(ClassificationReport())
-    if cfg.histograms and has_logger:
-        callbacks.append(ParameterHistograms())
-    progress = cfg.progress.name
-    if progress == "auto":
-        progress = "bar" if sys.stdout.isatty() else "lines"
-    if progress == "bar":
-        callbacks.append(TQDMProgressBar(refresh_rate=20))
-    elif progress == "lines":
-        callbacks.append(EpochSummary())
-    return callbacks
+    max_epochs = kwargs["max_epochs"]
+    if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
+        raise ConfigError(f"trainer.max_epochs={max_epochs} is not allowed: use a positive number of epochs.")
+    for key in ("log_every_n_steps", "check_val_every_n_epoch"):
+        if kwargs[key] is not None and kwargs[key] <= 0:
+            raise ConfigError(f"trainer.{key}={kwargs[key]} is not allowed: use a positive integer.")
+    if kwargs["num_sanity_val_steps"] is not None and kwargs["num_sanity_val_steps"] < -1:
+        raise ConfigError(
+            f"trainer.num_sanity_val_steps={kwargs['num_sanity_val_steps']} is not allowed: "
+            "use -1 (all), 0 (none) or a count."
+        )
+    clip = kwargs["gradient_clip_val"]
+    if clip is not None and not (math.isfinite(clip) and clip >= 0):
+        raise ConfigError(f"trainer.gradient_clip_val={clip} is not allowed: use null (no clipping) or a value >= 0.")
+    asks_for_cuda = kwargs["accelerator"] in ("gpu", "cuda")
+    if asks_for_cuda or kwargs["sync_batchnorm"]:
+        has_cuda = torch.cuda.is_available()
+        if asks_for_cuda and not has_cuda:
+            raise ConfigError(
+                f"trainer.accelerator={kwargs['accelerator']!r} is not allowed: no CUDA GPU is visible on this "
+                "machine; use trainer=cpu or trainer.accelerator=auto."
+            )
+        # Lightning accepts it, and torch's SyncBatchNorm then fails at the first training step.
+        if kwargs["sync_batchnorm"] and not (has_cuda and kwargs["accelerator"] in ("gpu", "cuda", "auto")):
+            raise ConfigError(
+                "trainer.sync_batchnorm=True is not allowed: torch syncs batch norm across CUDA GPUs only; "
+                "use false here."
+            )
+    if kwargs["accelerator"] == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            "trainer.accelerator='mps' is not allowed: Apple's Metal (MPS) is not available on this machine; "
+            "use trainer=cpu or trainer.accelerator=auto."
+        )
+    return kwargs
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
-    logger = build_logger(cfg.logger.kind.name, output_dir)
-    callbacks = [*build_callbacks(cfg.callbacks, output_dir, has_logger=logger is not None), *extra_callbacks]
-    trainer_kwargs = to_plain(cfg.trainer)
+def build_loggers(loggers: DictConfig) -> list[Logger]:
+    """The loggers of `logger.*`, by name (`logger=many` has several; `logger=none` none)."""
+    return [build(node, f"logger.{name}") for name, node in loggers.items() if node is not None]
+
+
+def build_callbacks(callbacks: DictConfig, has_logger: bool) -> list[Callback]:
+    """The callbacks of `callbacks.*`, by name; those that watch a metric must watch one the model logs."""
+    built: list[Callback] = []
+    for name, node in callbacks.items():
+        if node is None:
+            continue
+        callback = build(node, f"callbacks.{name}")
+        if callback is None:  # e.g. progress_display(mode=none)
+            continue
+        monitor = getattr(callback, "monitor", None)
+        if (
+            isinstance(callback, (ModelCheckpoint, EarlyStopping))
+            and monitor is not None
+            and monitor not in MONITORABLE
+        ):
+            raise ConfigError(
+                f"callbacks.{name}.monitor={monitor!r} is not allowed: use a metric logged every epoch: "
+                f"{sorted(MONITORABLE)}."
+            )
+        # Lightning refuses a learning-rate monitor with nothing to log to.
+        if isinstance(callback, LearningRateMonitor) and not has_logger:
+            continue
+        built.append(callback)
+    return built
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
+    """The Trainer of a run, with its loggers and callbacks, and the signal stop of mnist_lit/callbacks.py."""
+    kwargs = trainer_arguments(cfg.trainer)
+    if kwargs["overfit_batches"] and cfg.test:
+        raise ConfigError(
+            f"trainer.overfit_batches={kwargs['overfit_batches']} validates on training batches, so the "
+            "checkpoint it picks is chosen on training data and its test would not be a held-out score: "
+            "add test=false (debug=overfit does)."
+        )
+    output_dir = Path(cfg.paths.output_dir)
+    loggers = build_loggers(cfg.logger)
+    callbacks = [
+        *build_callbacks(cfg.callbacks, has_logger=bool(loggers)),
+        # Not a config entry: exact resume (resume=) depends on it.
+        GracefulStop(ckpt_path=output_dir / "checkpoints" / "last.ckpt"),
+        *extra_callbacks,
+    ]
+    if kwargs["enable_progress_bar"] is None:
+        kwargs["enable_progress_bar"] = any(isinstance(cb, ProgressBar) for cb in callbacks)
     try:
         return L.Trainer(
-            **trainer_kwargs,
-            default_root_dir=output_dir,
-            logger=logger if logger is not None else False,
-            callbacks=callbacks,
-            enable_progress_bar=any(isinstance(cb, TQDMProgressBar) for cb in callbacks),
-            enable_model_summary=False,
-            plugins=[AtomicCheckpointIO()],
+            **{
+                **kwargs,
+                "logger": loggers or False,
+                "callbacks": callbacks,
+                "plugins": [AtomicCheckpointIO()],
+                "default_root_dir": output_dir,
+            }
         )
     except (ValueError, MisconfigurationException) as err:  # Lightning's own checks of its arguments
         raise ConfigError(f"Lightning refuses the trainer.* settings: {err}") from None
 
 
-def log_hparams_summary(trainer: L.Trainer, cfg: DictConfig) -> None:
-    """Fill TensorBoard's HPARAMS tab: this run's hyperparameters and the metrics to compare on.
+def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
+    """The run's settings as flat `group.key` values, for every logger's hyperparameters."""
+    params: dict[str, Any] = {"seed": cfg.seed}
+    for group in ("model", "data", "trainer"):
+        for key, value in to_plain(cfg[group]).items():
+            if key.startswith("_") or value is None:
+                continue
+            if isinstance(value, dict):
+                params.update({f"{group}.{key}.{inner}": item for inner, item in value.items() if inner != "_target_"})
+            else:
+                params[f"{group}.{key}"] = str(value) if isinstance(value, list) else value
+    # Checksums identify the files; they are no hyperparameters.
+    return {key: value for key, value in params.items() if not key.startswith("data.sha256")}
 
-    Only the hparams summaries are written; the metric values are the scalars the run logs,
-    so no placeholder points appear in the charts.
-    """
-    logger = trainer.logger
-    if not isinstance(logger, TensorBoardLogger) or trainer.global_rank != 0:
+
+def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig) -> None:
+    """Give every logger the run's hyperparameters. TensorBoard's HPARAMS tab also gets the metrics
+    to compare runs on; their values come from the scalars the run logs, so no placeholder points
+    appear in the charts."""
+    if trainer.global_rank != 0:
         return
-    from torch.utils.tensorboard.summary import hparams
+    params = hyperparameters(cfg)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            from torch.utils.tensorboard.summary import hparams
 
-    params = {
-        "model.hidden": str(list(cfg.model.hidden)),
-        **{f"model.{key}": value for key, value in to_plain(cfg.model).items() if key not in ("hidden", "augment")},
-        **{f"model.augment.{key}": value for key, value in to_plain(cfg.model.augment).items()},
-        "data.batch_size": cfg.data.batch_size,
-        "trainer.max_epochs": cfg.trainer.max_epochs,
-        "seed": cfg.seed,
-    }
-    writer = logger.experiment._get_file_writer()
-    for summary in hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0)):
-        writer.add_summary(summary)
+            writer = logger.experiment._get_file_writer()
+            for summary in hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0)):
+                writer.add_summary(summary)
+        else:
+            logger.log_hyperparams(params)
 
 
 def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # a fast_dev_run writes nothing else into the run folder
     with atomic_path(path) as partial:
         partial.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
@@ -160,17 +213,25 @@ def final_metrics(trainer: L.Trainer) -> dict[str, float]:
     return {key: value.item() for key, value in trainer.callback_metrics.items() if value.numel() == 1}
 
 
-def prepare(cfg: DictConfig) -> tuple[MNISTDataModule, MNISTClassifier]:
-    """This process's threads and seed, the data and the model of a run, as `cfg` says."""
+def build_run(
+    cfg: DictConfig, callbacks: Sequence[Callback] = ()
+) -> tuple[MNISTDataModule, MNISTClassifier, L.Trainer]:
+    """The data, the model and the Trainer of a run as `cfg` says, with this process's threads and
+    seed. Every refusal of a setting comes from here, before any data is read."""
+    if cfg.threads is not None and cfg.threads <= 0:
+        raise ConfigError(f"threads={cfg.threads} is not allowed: use a positive number of CPU threads, or null.")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = MNISTDataModule(**to_plain(cfg.data))
-    model = MNISTClassifier(**to_plain(cfg.model))
+    datamodule = build(cfg.data, "data")
+    model = build(cfg.model, "model")
+    if cfg.ckpt_path:
+        check_resumable(cfg.ckpt_path, model.hparams)
+    trainer = build_trainer(cfg, callbacks)
     if cfg.compile:
         # In place: the parameters keep their names, so checkpoints load without torch.compile.
         model.net.compile()
-    return datamodule, model
+    return datamodule, model, trainer
 
 
 def fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
@@ -180,13 +241,9 @@ def fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[st
     `callbacks` join the configured ones (an Optuna trial's pruning, see mnist_lit/search.py). A
     callback that ends a run early on purpose sets `stop_reason`, which becomes the run's status.
     """
-    validate(cfg)
-    if cfg.ckpt_path:
-        check_resumable(cfg.ckpt_path, to_plain(cfg.model))
     output_dir = Path(cfg.paths.output_dir)
-    datamodule, model = prepare(cfg)
-    trainer = build_trainer(cfg, output_dir, callbacks)
-    log_hparams_summary(trainer, cfg)
+    datamodule, model, trainer = build_run(cfg, callbacks)
+    log_hyperparameters(trainer, cfg)
 
     started = time.perf_counter()
     try:
@@ -194,6 +251,8 @@ def fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[st
     except (Interrupted, TrainingDiverged) as stop:
         record_stop(trainer, output_dir, stop)
         raise
+    except MisconfigurationException as err:  # Lightning's checks of trainer.* against the data
+        raise ConfigError(f"Lightning refuses the trainer.* settings: {err}") from None
     fit_seconds = time.perf_counter() - started
     results: dict[str, Any] = final_metrics(trainer)
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -238,10 +297,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from mnist_lit.checkpoint import load_classifier
 
     require(cfg, "ckpt_path", "python -m mnist_lit.eval ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt")
-    validate_trainer(cfg.trainer)
+    trainer_kwargs = trainer_arguments(cfg.trainer)
     model, data_hparams = load_classifier(cfg.ckpt_path)
-    datamodule = MNISTDataModule(**{**data_hparams, **to_plain(cfg.data)})
-    trainer = L.Trainer(**to_plain(cfg.trainer), logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    datamodule = MNISTDataModule(**{**data_hparams, **arguments(cfg.data)})
+    trainer = L.Trainer(
+        **{**trainer_kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    )
     trainer.test(model, datamodule=datamodule, verbose=False)
     results: dict[str, Any] = {**final_metrics(trainer), "ckpt_path": str(cfg.ckpt_path)}
     if trainer.is_global_zero:

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from PIL import Image
 from torch import Tensor, nn
 
 from mnist_lit.checkpoint import load_classifier
-from mnist_lit.config import require
+from mnist_lit.config import arguments, require
 from mnist_lit.errors import ConfigError, ExportError
 from mnist_lit.files import atomic_path
 from mnist_lit.preprocess import MNIST_MEAN, MNIST_STD, ImageError, find_images, normalize, preprocess_file
@@ -309,7 +309,7 @@ def official_test_set(cfg: DictConfig, data_hparams: dict[str, Any]) -> tuple[Te
     """The 10k test images, normalized exactly as the checkpoint's training data was."""
     from mnist_lit.data import MNISTDataModule
 
-    datamodule = MNISTDataModule(**{**data_hparams, **OmegaConf.to_container(cfg.data, resolve=True)})
+    datamodule = MNISTDataModule(**{**data_hparams, **arguments(cfg.data)})
     datamodule.prepare_data()
     datamodule.setup("test")
     return datamodule.splits["test"]

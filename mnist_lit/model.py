@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
+
+from mnist_lit.errors import SettingError, require_finite
+from mnist_lit.mnist import IMAGE_SIZE, NUM_CLASSES
+
+# The hidden layers' nonlinearity, by the name a config gives: `model.activation=gelu`.
+Activation = Literal["relu", "gelu", "silu", "tanh", "leaky_relu", "elu", "sigmoid"]
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "sigmoid": nn.Sigmoid,
+}
+assert set(ACTIVATIONS) == set(get_args(Activation))
 
 
 class GaussianNoise(nn.Module):
@@ -44,7 +61,7 @@ class NoisyBatchNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """Flattened pixels -> noise, Dropout(input_dropout) -> [Linear -> (NoisyBatchNorm) -> ReLU ->
+    """Flattened pixels -> noise, Dropout(input_dropout) -> [Linear -> (NoisyBatchNorm) -> activation ->
     Dropout] per hidden layer -> Linear (-> NoisyBatchNorm) logits.
 
     The output layer has no activation: cross-entropy wants raw logits (a ReLU there clips
@@ -64,14 +81,26 @@ class MLP(nn.Module):
         batch_norm: bool = False,
         noise: float = 0.0,
         input_noise: float = 0.0,
-        input_size: int = 28 * 28,
-        num_classes: int = 10,
+        activation: Activation = "relu",
+        input_size: int = IMAGE_SIZE,
+        num_classes: int = NUM_CLASSES,
     ) -> None:
         super().__init__()
+        require_finite(dropout=dropout, input_dropout=input_dropout, noise=noise, input_noise=input_noise)
+        if any(size <= 0 for size in hidden):
+            raise SettingError("hidden", list(hidden), "every layer size must be a positive integer")
+        for name, probability in (("dropout", dropout), ("input_dropout", input_dropout)):
+            if not 0.0 <= probability < 1.0:
+                raise SettingError(name, probability, "use a probability in [0, 1)")
+        for name, std in (("noise", noise), ("input_noise", input_noise)):
+            if std < 0:
+                raise SettingError(name, std, "use a standard deviation >= 0 (0: no noise)")
         if noise > 0 and not batch_norm:
-            raise ValueError(
-                f"noise={noise} needs batch_norm=True: it is measured against the batch-normalized pre-activations"
+            raise SettingError(
+                "noise", noise, "it is measured against batch-normalized pre-activations: add batch_norm=true, or use 0"
             )
+        if activation not in ACTIVATIONS:
+            raise SettingError("activation", activation, f"use one of {', '.join(ACTIVATIONS)}")
         layers: list[nn.Module] = [nn.Flatten()]
         if input_noise > 0:
             layers.append(GaussianNoise(input_noise))
@@ -80,7 +109,7 @@ class MLP(nn.Module):
         width = input_size
         for size in hidden:
             layers += self._linear(width, size, batch_norm, noise)
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATIONS[activation]())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = size

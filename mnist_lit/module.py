@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, Optional, get_args
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
 from mnist_lit.augment import BatchAugment
-from mnist_lit.model import MLP
+from mnist_lit.errors import ConfigError, SettingError, require_finite
+from mnist_lit.mnist import IMAGE_SIZE, NUM_CLASSES
+from mnist_lit.model import MLP, Activation
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "onecycle", "cosine")
+OptimizerName = Literal["adam", "adamw", "sgd"]
+SchedulerName = Literal["none", "onecycle", "cosine"]  # each stepped every batch
+
+METRIC_NAMES = ("loss", "acc", "precision", "recall", "f1")
+# What checkpointing and early stopping can watch: the metrics this module logs every epoch.
+MONITORABLE = (*(f"{stage}/{name}" for stage in ("train", "val") for name in METRIC_NAMES), "val/acc_best")
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -34,11 +42,11 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
 
 def make_optimizer(
     parameters: Iterable[Tensor],
-    optimizer: str,
+    optimizer: OptimizerName,
     lr: float,
     weight_decay: float,
     momentum: float,
-    scheduler: str,
+    scheduler: SchedulerName,
     total_steps: int,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """The optimizer and its learning-rate schedule, stepped every batch (None: constant rate).
@@ -66,33 +74,67 @@ class MNISTClassifier(L.LightningModule):
 
     def __init__(
         self,
-        hidden: Sequence[int] = (128, 64),
+        hidden: tuple[int, ...] = (128, 64),
         dropout: float = 0.0,
         input_dropout: float = 0.0,
         batch_norm: bool = False,
         noise: float = 0.0,
         input_noise: float = 0.0,
-        optimizer: str = "adam",
+        activation: Activation = "relu",
+        optimizer: OptimizerName = "adam",
         lr: float = 4e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        scheduler: str = "onecycle",
+        scheduler: SchedulerName = "onecycle",
         label_smoothing: float = 0.0,
-        max_norm: float | None = None,
-        augment: Mapping[str, float] | None = None,
-        input_size: int = 28 * 28,
-        num_classes: int = 10,
+        # Optional[...] rather than `float | None`: hydra-zen turns the latter into an unchecked Any.
+        max_norm: Optional[float] = None,  # noqa: UP045
+        augment: Optional[Mapping[str, float]] = None,  # noqa: UP045
+        input_size: int = IMAGE_SIZE,
+        num_classes: int = NUM_CLASSES,
     ) -> None:
+        """
+        Args (the MLP's, see `mnist_lit.model.MLP`, and):
+            optimizer, lr, weight_decay, momentum: the optimizer; momentum is SGD's (Nesterov).
+            scheduler: the learning-rate schedule, stepped every batch; onecycle peaks at `lr`.
+            label_smoothing: of the training targets only, so val/ and test/loss stay comparable.
+            max_norm: bound on each hidden unit's incoming weight norm after every step; None: off.
+            augment: arguments of `BatchAugment`, distorting training batches only; None: off.
+        """
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        require_finite(lr=lr, weight_decay=weight_decay, momentum=momentum, label_smoothing=label_smoothing)
+        if optimizer not in get_args(OptimizerName):
+            raise SettingError("optimizer", optimizer, f"use one of {', '.join(get_args(OptimizerName))}")
+        if scheduler not in get_args(SchedulerName):
+            raise SettingError("scheduler", scheduler, f"use one of {', '.join(get_args(SchedulerName))}")
+        if lr <= 0:
+            raise SettingError("lr", lr, "the learning rate must be > 0, e.g. model.lr=1e-3")
+        if weight_decay < 0:
+            raise SettingError("weight_decay", weight_decay, "use a value >= 0")
+        if not 0.0 <= momentum < 1.0:
+            raise SettingError("momentum", momentum, "use a value in [0, 1)")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise SettingError("label_smoothing", label_smoothing, "use a probability in [0, 1)")
+        if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
+            raise SettingError("max_norm", max_norm, "use a norm > 0, e.g. 3.5, or null for no constraint")
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters()
-        self.net = MLP(hidden, dropout, input_dropout, batch_norm, noise, input_noise, input_size, num_classes)
+        self.net = MLP(
+            hidden,
+            dropout=dropout,
+            input_dropout=input_dropout,
+            batch_norm=batch_norm,
+            noise=noise,
+            input_noise=input_noise,
+            activation=activation,
+            input_size=input_size,
+            num_classes=num_classes,
+        )
         # Distorts training batches only; no weights, so checkpoints are the same with or without it.
-        self.augment = BatchAugment(**(augment or {}))
+        try:
+            self.augment = BatchAugment(**(augment or {}))
+        except SettingError as err:
+            raise SettingError(f"augment.{err.name}", err.value, err.allowed) from None
         self.train_metrics = classification_metrics(num_classes, "train/")
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
@@ -159,6 +201,20 @@ class MNISTClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending = list(checkpoint.get("pending_train_outputs", []))  # on the CPU until used
+        # A schedule's length is fixed when a run begins, and the checkpoint's schedule replaces the
+        # one configure_optimizers built: resumed with more (or fewer) steps, OneCycle would fail
+        # once past its end and cosine would turn back up. Refuse before training goes on.
+        schedules = checkpoint.get("lr_schedulers") or [{}]
+        length = schedules[0].get("total_steps", schedules[0].get("T_max"))
+        if length is not None and self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            planned = int(self.trainer.estimated_stepping_batches)
+            if planned != length:
+                raise ConfigError(
+                    f"this run plans {planned} optimizer steps, but its checkpoint's model.scheduler="
+                    f"{self.hparams.scheduler} was laid out over {length} steps when the run began: keep the "
+                    "trainer.max_epochs/max_steps/limit_train_batches and data.batch_size it started with, or "
+                    "start a new run (ckpt_path=<its checkpoint> with model.scheduler=none trains on from its weights)."
+                )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_metrics)

@@ -1,4 +1,4 @@
-"""Hyperparameter search with Optuna, driven by Hydra: `python -m mnist_lit.train -m hparams_search=optuna`.
+"""Hyperparameter search with Optuna, driven by Hydra: `python -m mnist_lit.train hparams_search=optuna`.
 
 It works on two sides:
 - `OptunaSweeper` runs in the launching process. It asks the study for trials, turns each one into
@@ -10,10 +10,12 @@ It works on two sides:
 The study lives in an SQLite file in the sweep folder. Relaunching with the same
 `hydra.sweep.dir` loads it and runs only the trials that are still missing.
 
-This replaces the `hydra-optuna-sweeper` package. Its last release (1.3.0) requires optuna<3,
-whose SQLite storage fails on SQLAlchemy 2 unless SQLAlchemy is pinned below 2.0, with an alembic
-old enough to accept it. It also has no pruner, and a relaunch numbers jobs from 0 again,
-overwriting the folders of the trials it resumes.
+This replaces the `hydra-optuna-sweeper` package, and keeps its keys (direction, study_name, storage,
+n_trials, n_jobs, sampler with its seed, max_failure_rate, params). Its last release (1.3.0) requires
+optuna<3, whose SQLite storage fails on SQLAlchemy 2. Its 1.4.0 release candidates work with Optuna 4
+but need a hydra-core 1.4 pre-release, have no pruning, number a relaunch's jobs from 0 again
+(overwriting the folders of the trials before) and run `n_trials` more trials instead of topping the
+study up to `n_trials`.
 
 Optuna is imported only when a search runs, so Hydra's plugin scan at every start stays cheap and
 installs without the `search` extra still work.
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What a training job returns to the sweeper, and so what a search optimizes: a validation metric.
+OBJECTIVE = "val/acc_best"
+
 
 @dataclass
 class OptunaSweeperConf:
@@ -54,17 +59,16 @@ class OptunaSweeperConf:
     _target_: str = "hydra_plugins.mnist_lit_optuna.OptunaSweeper"
     # The sweeper builds the sampler itself, once it knows how many trials the study already has.
     _recursive_: bool = False
-    direction: str = "maximize"  # of what the task returns: mnist_lit.train returns val/acc_best
+    direction: str = "maximize"  # of what the task returns: mnist_lit.train returns OBJECTIVE
     study_name: str = "search"
     # An SQLAlchemy URL. The jobs open it too, to report to their trial.
     storage: str | None = "sqlite:///${hydra.sweep.dir}/optuna.db"
     # How many completed or pruned trials the study should hold. A relaunch runs only the missing ones.
     n_trials: int = 20
     n_jobs: int = 1  # trials launched together; more than 1 needs a parallel launcher (e.g. joblib)
-    # The sampler's seed, offset by the number of trials already in the study. Without the offset a
-    # resumed search would replay the suggestions it made before it was interrupted.
-    seed: int = 0
-    sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler"})
+    # `seed`, as upstream, is the sampler's; it is offset by the number of trials already in the study.
+    # Without the offset a resumed search would replay the suggestions it made before it was interrupted.
+    sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": 0})
     pruner: Any = None  # e.g. {_target_: optuna.pruners.MedianPruner}; null: every trial runs to the end
     monitor: str = "val/acc"  # what each job reports to the pruner after every validation
     # The fraction of this launch's trials that may fail before the search stops. Failed trials are
@@ -137,7 +141,6 @@ class OptunaSweeper(Sweeper):
         storage: str | None,
         n_trials: int,
         n_jobs: int,
-        seed: int,
         sampler: DictConfig,
         pruner: DictConfig | None,
         monitor: str,  # read by the jobs (trial_pruning)
@@ -150,7 +153,6 @@ class OptunaSweeper(Sweeper):
         self.storage = storage
         self.n_trials = n_trials
         self.n_jobs = n_jobs
-        self.seed = seed
         self.sampler = sampler
         self.pruner = pruner
         self.max_failure_rate = max_failure_rate
@@ -200,8 +202,11 @@ class OptunaSweeper(Sweeper):
         )
         fail_interrupted_trials(study)
         finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-        study.sampler = instantiate(self.sampler, seed=self.seed + len(study.trials))
+        sampler = OmegaConf.to_container(self.sampler, resolve=True)
+        seed = sampler.pop("seed", None)  # type: ignore[union-attr]
+        study.sampler = instantiate(sampler, seed=None if seed is None else seed + len(study.trials))
         missing = max(self.n_trials - finished, 0)
+        log.info(f"Objective: {self.direction} {OBJECTIVE}, what mnist_lit.train returns (never a test metric).")
         log.info(
             f"Study {self.study_name!r} in {self.storage}: {finished} of {self.n_trials} trials finished, "
             f"{missing} to run. Resume with hydra.sweep.dir={sweep_dir}"

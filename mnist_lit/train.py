@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> float | None:
     # Imported here so that --help and --cfg answer without loading torch.
     from mnist_lit.distributed import distributed_job
     from mnist_lit.experiment import fit_and_test, print_config_tree
-    from mnist_lit.search import trial_pruning
+    from mnist_lit.search import OBJECTIVE, trial_pruning
 
     output_dir = Path(cfg.paths.output_dir)
     with reported_as_exit(), distributed_job():
@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> float | None:
             remove_unused_run_folder(output_dir)
             raise
     # Sweepers (e.g. Optuna) optimize what the task returns: a validation metric, never a test one.
-    return metrics.get("val/acc_best")
+    return metrics.get(OBJECTIVE)
 
 
 def expand_resume(args: list[str]) -> list[str]:

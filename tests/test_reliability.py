@@ -24,10 +24,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mnist_lit import experiment
 from mnist_lit.callbacks import CHECK_EVERY_N_STEPS, StopOnDivergence
 from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable, load_classifier, read_checkpoint
-from mnist_lit.config import MNIST_FILES, register, validate
+from mnist_lit.config import register
 from mnist_lit.data import EpochShuffle, TensorBatches, ensure_mnist
 from mnist_lit.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from mnist_lit.files import remove_unused_run_folder
+from mnist_lit.mnist import MNIST_FILES
 from mnist_lit.module import MNISTClassifier
 from mnist_lit.preflight import check_writable
 from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_module
@@ -258,17 +259,17 @@ class BecomesNaN(MNISTClassifier):
 
 
 def test_a_nan_loss_keeps_the_checkpoints_of_the_last_good_epoch(
-    synthetic_mnist: SyntheticMNIST, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(experiment, "MNISTClassifier", BecomesNaN)
     cfg = compose_train(
         tmp_path / "run",
         *FAST_TRAIN,
         "trainer.max_epochs=3",
         "logger=none",
-        "callbacks.progress=none",
+        "callbacks.progress.mode=none",
         *synthetic_mnist.overrides(tmp_path / "data"),
     )
+    cfg.model._target_ = f"{__name__}.{BecomesNaN.__name__}"
     with pytest.raises(TrainingDiverged, match=r"became nan at step 16 \(epoch 2, batch 6 of 10\)"):
         experiment.fit_and_test(cfg)
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -548,7 +549,10 @@ def test_training_from_a_checkpoint_carrying_code_refuses_it_and_the_code_never_
         (["data.batch_size=501"], "data.batch_size=501 is larger than the 500 training images"),
         (["ckpt_path=nowhere/last.ckpt"], "checkpoint nowhere/last.ckpt does not exist"),
         (["paths.output_root=a_file/outputs"], "cannot write the run folder a_file/outputs/runs/"),
-        (["callbacks.checkpoint.monitor=val/accuracy"], "callbacks.checkpoint.monitor='val/accuracy' is not allowed"),
+        (
+            ["callbacks.model_checkpoint.monitor=val/accuracy"],
+            "callbacks.model_checkpoint.monitor='val/accuracy' is not allowed",
+        ),
     ],
 )
 def test_values_that_would_fail_later_are_refused_before_training(
@@ -571,26 +575,43 @@ def test_values_that_would_fail_later_are_refused_before_training(
     [
         ("model.lr=nan", "model.lr=nan is not allowed: use a finite number"),
         ("data.std=inf", "data.std=inf is not allowed: use a finite number"),
-        ("callbacks.early_stopping.monitor=val/acc_bets", "callbacks.early_stopping.monitor='val/acc_bets'"),
-        ("callbacks.checkpoint.mode=maximum", "callbacks.checkpoint.mode='maximum' is not allowed: use min"),
-        ("callbacks.checkpoint.save_top_k=-2", "callbacks.checkpoint.save_top_k=-2"),
-        ("callbacks.max_train_loss=0", "callbacks.max_train_loss=0.0"),
+        ("callbacks.stop_on_divergence.max_loss=0", "callbacks.stop_on_divergence.max_loss=0.0"),
         ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0"),
         ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0"),
-        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1.0"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 is not allowed: use null (no clipping)"),
         ("trainer.deterministic=sometimes", "trainer.deterministic='sometimes'"),
     ],
 )
 def test_validate_refuses_values_that_would_fail_or_poison_training_later(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match="is not allowed") as error:
-        validate(compose_train(Path("/tmp/unused"), override))
+        experiment.build_run(compose_train(Path("/tmp/unused"), override))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "callbacks.early_stopping.monitor=val/acc_bets",
+            "callbacks.early_stopping.monitor='val/acc_bets' is not allowed: use a metric logged every epoch",
+        ),
+        ("callbacks.model_checkpoint.mode=maximum", "callbacks.model_checkpoint: `mode` can be"),
+        ("callbacks.model_checkpoint.save_top_k=-2", "callbacks.model_checkpoint: Invalid value for save_top_k=-2"),
+    ],
+)
+def test_lightning_callbacks_refuse_bad_values_under_their_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        experiment.build_run(compose_train(Path("/tmp/unused"), "callbacks=early_stopping", override))
     assert message in str(error.value)
 
 
 def test_trainer_settings_lightning_refuses_become_a_config_error(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, "trainer=cpu", "trainer.precision=fp8", "logger=none")
-    with pytest.raises(ConfigError, match=r"Lightning refuses the trainer.\* settings: Precision 'fp8' is invalid"):
-        experiment.build_trainer(cfg, tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer.precision='fp8' is not allowed: expected"):
+        experiment.build_run(cfg)
+    cfg = compose_train(tmp_path, "trainer=cpu", "trainer.strategy=ddp_spawnn", "logger=none")
+    with pytest.raises(ConfigError, match=r"Lightning refuses the trainer.\* settings: .*ddp_spawnn"):
+        experiment.build_run(cfg)
 
 
 @needs_non_root

@@ -20,8 +20,8 @@ from tests.conftest import FAST_TRAIN, SyntheticMNIST, run_module  # noqa: E402
 
 # FAST_TRAIN fixes data.batch_size, which takes it out of the search space. Two batches per epoch
 # keep the trials' accuracies apart (the synthetic digits are learnt perfectly in one epoch).
+# No -m: hparams_search=optuna sets the multirun mode itself.
 SEARCH = [
-    "-m",
     "hparams_search=optuna",
     *FAST_TRAIN,
     "trainer.max_epochs=1",
@@ -42,6 +42,7 @@ def search(
         cwd=workdir,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "Objective: maximize val/acc_best" in result.stdout + result.stderr
     return result
 
 

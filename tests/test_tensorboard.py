@@ -22,7 +22,7 @@ def events(synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFac
     result = run_module(
         "mnist_lit.train",
         *FAST_TRAIN,
-        "callbacks.histograms=true",
+        "callbacks=histograms",
         "model.lr=1e-5",  # barely trained: plenty of mistakes to show
         "trainer.log_every_n_steps=1",
         *synthetic_mnist.overrides(workdir / "data"),
@@ -82,8 +82,8 @@ def test_weight_and_gradient_histograms_once_per_epoch(events: EventAccumulator)
 
 def test_histograms_are_off_by_default_and_the_test_report_on(tmp_path: Path) -> None:
     cfg = compose_train()
-    kinds = {type(callback) for callback in build_callbacks(cfg.callbacks, tmp_path, has_logger=True)}
+    kinds = {type(callback) for callback in build_callbacks(cfg.callbacks, has_logger=True)}
     assert ClassificationReport in kinds and ParameterHistograms not in kinds
-    cfg = compose_train("callbacks.histograms=true", "callbacks.test_report=false")
-    kinds = {type(callback) for callback in build_callbacks(cfg.callbacks, tmp_path, has_logger=True)}
+    cfg = compose_train("callbacks=histograms", "~callbacks.test_report")
+    kinds = {type(callback) for callback in build_callbacks(cfg.callbacks, has_logger=True)}
     assert ParameterHistograms in kinds and ClassificationReport not in kinds
