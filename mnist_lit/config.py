@@ -125,8 +125,8 @@ def check_arguments(node: dict[str, Any], key: str) -> None:
             raise ConfigError(f"{key}.{name}={value!r} is not allowed: expected {_describe(hint)}.") from None
 
 
-def build(node: DictConfig | dict[str, Any], key: str, **extra: Any) -> Any:
-    """Instantiate a `_target_` node (with `extra` arguments), naming the config `key` in every refusal:
+def build(node: DictConfig | dict[str, Any], key: str) -> Any:
+    """Instantiate a `_target_` node, naming the config `key` in every refusal:
     a wrong argument, a wrong type, or a value its constructor refuses (`SettingError`, or
     Lightning's own ValueError/MisconfigurationException)."""
     from hydra.errors import InstantiationException
@@ -135,7 +135,7 @@ def build(node: DictConfig | dict[str, Any], key: str, **extra: Any) -> Any:
     plain = to_plain(node) if isinstance(node, DictConfig) else dict(node)
     check_arguments(plain, key)
     try:
-        return instantiate(plain, **extra)
+        return instantiate(plain)
     except InstantiationException as err:
         cause = err.__cause__ or err
         if isinstance(cause, SettingError):
