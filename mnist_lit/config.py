@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import secrets
 import typing
 from dataclasses import dataclass, field
@@ -263,6 +264,9 @@ def register() -> None:
     # so every job of one sweep resolves the same sweep folder.
     if not OmegaConf.has_resolver("run_tag"):
         OmegaConf.register_new_resolver("run_tag", lambda: _RUN_TAG, use_cache=True)
+    # A run folder named relative to the outputs root (runs/<time>_<tag>), e.g. as a logger's run name.
+    if not OmegaConf.has_resolver("relpath"):
+        OmegaConf.register_new_resolver("relpath", os.path.relpath)
 
 
 def require(cfg: DictConfig, key: str, example: str) -> None:

@@ -272,7 +272,8 @@ class MNISTDataModule(L.LightningDataModule):
         for key, digest in sha256.items():
             if len(digest) != 64 or any(char not in "0123456789abcdef" for char in digest):
                 raise SettingError(f"sha256.{key}", digest, "a sha256 is 64 lowercase hex digits")
-        self.save_hyperparameters()
+        # logger=False: the run gives every logger its flat settings itself (mnist_lit/loggers.py).
+        self.save_hyperparameters(logger=False)
         self.raw_dir = Path(root).resolve() / "MNIST" / "raw"
         self.mirror = mirror
         self.sha256 = dict(sha256)

@@ -16,7 +16,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +26,7 @@ from mnist_lit.config import arguments, build, check_arguments, require, to_plai
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import ConfigError, Interrupted, TrainingDiverged
 from mnist_lit.files import atomic_path
+from mnist_lit.loggers import build_loggers, finish_loggers, log_hyperparameters
 from mnist_lit.module import MONITORABLE, MNISTClassifier
 
 # Lightning advertises a cloud service on every run, and trips over its own pytree deprecation.
@@ -43,9 +43,6 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(
 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 
 log = logging.getLogger(__name__)
-
-# Declared to TensorBoard's HPARAMS tab; their values come from the scalars logged during the run.
-HPARAM_METRICS = ("val/acc_best", "val/loss", "test/acc", "test/loss", "test/precision", "test/recall", "test/f1")
 
 
 # trainer.* arguments the run sets itself, and where a user sets each instead.
@@ -106,11 +103,6 @@ def trainer_arguments(trainer: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
-def build_loggers(loggers: DictConfig) -> list[Logger]:
-    """The loggers of `logger.*`, by name (`logger=many` has several; `logger=none` none)."""
-    return [build(node, f"logger.{name}") for name, node in loggers.items() if node is not None]
-
-
 def build_callbacks(callbacks: DictConfig, has_logger: bool) -> list[Callback]:
     """The callbacks of `callbacks.*`, by name; those that watch a metric must watch one the model logs."""
     built: list[Callback] = []
@@ -147,7 +139,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> 
             "add test=false (debug=overfit does)."
         )
     output_dir = Path(cfg.paths.output_dir)
-    loggers = build_loggers(cfg.logger)
+    loggers = list(build_loggers(cfg.logger).values())
     callbacks = [
         *build_callbacks(cfg.callbacks, has_logger=bool(loggers)),
         # Not a config entry: exact resume (resume=) depends on it.
@@ -168,39 +160,6 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> 
         )
     except (ValueError, MisconfigurationException) as err:  # Lightning's own checks of its arguments
         raise ConfigError(f"Lightning refuses the trainer.* settings: {err}") from None
-
-
-def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
-    """The run's settings as flat `group.key` values, for every logger's hyperparameters."""
-    params: dict[str, Any] = {"seed": cfg.seed}
-    for group in ("model", "data", "trainer"):
-        for key, value in to_plain(cfg[group]).items():
-            if key.startswith("_") or value is None:
-                continue
-            if isinstance(value, dict):
-                params.update({f"{group}.{key}.{inner}": item for inner, item in value.items() if inner != "_target_"})
-            else:
-                params[f"{group}.{key}"] = str(value) if isinstance(value, list) else value
-    # Checksums identify the files; they are no hyperparameters.
-    return {key: value for key, value in params.items() if not key.startswith("data.sha256")}
-
-
-def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig) -> None:
-    """Give every logger the run's hyperparameters. TensorBoard's HPARAMS tab also gets the metrics
-    to compare runs on; their values come from the scalars the run logs, so no placeholder points
-    appear in the charts."""
-    if trainer.global_rank != 0:
-        return
-    params = hyperparameters(cfg)
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            from torch.utils.tensorboard.summary import hparams
-
-            writer = logger.experiment._get_file_writer()
-            for summary in hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0)):
-                writer.add_summary(summary)
-        else:
-            logger.log_hyperparams(params)
 
 
 def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
@@ -241,9 +200,22 @@ def fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[st
     `callbacks` join the configured ones (an Optuna trial's pruning, see mnist_lit/search.py). A
     callback that ends a run early on purpose sets `stop_reason`, which becomes the run's status.
     """
+    try:
+        results = _fit_and_test(cfg, callbacks)
+    except BaseException:
+        finish_loggers(exit_code=1)
+        raise
+    finish_loggers()
+    return results
+
+
+def _fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback]) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     datamodule, model, trainer = build_run(cfg, callbacks)
-    log_hyperparameters(trainer, cfg)
+    if trainer.global_rank == 0:
+        # trainer.loggers are the configured ones, in their order (a fast_dev_run's: a dummy).
+        keys = [f"logger.{name}" for name, node in cfg.logger.items() if node is not None]
+        log_hyperparameters(dict(zip(keys, trainer.loggers, strict=False)), cfg)
 
     started = time.perf_counter()
     try:

@@ -118,7 +118,8 @@ class MNISTClassifier(L.LightningModule):
         if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
             raise SettingError("max_norm", max_norm, "use a norm > 0, e.g. 3.5, or null for no constraint")
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters()
+        # logger=False: the run gives every logger its flat settings itself (mnist_lit/loggers.py).
+        self.save_hyperparameters(logger=False)
         self.net = MLP(
             hidden,
             dropout=dropout,

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from mnist_lit.config import register
 from mnist_lit.errors import ConfigError
 from mnist_lit.experiment import build_run, fit_and_test
-from mnist_lit.logger_setup import finish_loggers, prepare_logger
+from mnist_lit.loggers import finish_loggers, prepare_logger
 from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST
 
 register()
@@ -70,7 +70,7 @@ def test_mlflow_and_wandb_write_under_the_outputs_root(tmp_path: Path) -> None:
     assert mlflow == cfg.logger.mlflow
     assert mlflow.tracking_uri == f"sqlite:///{tmp_path}/outputs/mlflow.db"
     assert mlflow.artifact_location == f"{tmp_path}/outputs/mlartifacts"
-    assert mlflow.run_name == cfg.paths.output_dir
+    assert mlflow.run_name == "runs/run"
     assert mlflow.log_model is False
     wandb = compose_run(tmp_path, "logger=wandb").logger.wandb
     assert wandb.save_dir == cfg.paths.output_dir
@@ -120,7 +120,7 @@ PARALLEL_JOB = textwrap.dedent(
     """
     import sys
     from lightning.pytorch.loggers import MLFlowLogger
-    from mnist_lit.logger_setup import finish_loggers, prepare_logger
+    from mnist_lit.loggers import finish_loggers, prepare_logger
 
     root = sys.argv[1]
     node = {
@@ -180,7 +180,7 @@ def read_mlflow(tracking_uri: str) -> Any:
 
 def assert_mlflow_run(cfg: DictConfig, metrics: dict[str, Any]) -> None:
     client, run = read_mlflow(cfg.logger.mlflow.tracking_uri)
-    assert run.info.run_name == cfg.paths.output_dir  # the run folder, to find it from the UI
+    assert run.info.run_name == "runs/run"  # the run folder under the outputs root, to find it from the UI
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["model.lr"] == str(cfg.model.lr)
@@ -278,7 +278,7 @@ def test_wandb_offline_run_holds_the_hyperparameters_and_final_metrics(
     finish_loggers()  # the summary and exit records are written when the run finishes
     assert wandb.run is None
     name, config, summary, history = read_wandb(Path(cfg.paths.output_dir))
-    assert name == cfg.paths.output_dir
+    assert name == "runs/run"
     assert config["model.lr"] == cfg.model.lr
     assert config["data.batch_size"] == 50
     assert config["trainer.max_epochs"] == 2
@@ -315,3 +315,13 @@ def test_many_writes_tensorboard_csv_and_mlflow(synthetic_mnist: SyntheticMNIST,
         metrics["val/acc_best"], abs=1e-6
     )
     assert_mlflow_run(cfg, metrics)
+
+
+def test_wandb_online_without_an_account_says_how_to_run_offline(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, wandb_offline: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc with a key
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    with pytest.raises(ConfigError, match=r"^logger\.wandb: .*WANDB_MODE=offline"):
+        train(synthetic_mnist, tmp_path, "wandb")
