@@ -1,18 +1,18 @@
 """Registers mnist_lit's Optuna sweeper with Hydra as `hydra/sweeper=mnist_lit_optuna`.
 
 Hydra instantiates sweepers only from classes defined in the `hydra_plugins` namespace package, so
-this module is a thin shim. The sweeper itself lives in mnist_lit/search.py.
+this module is a thin shim. The sweeper itself lives in mnist_lit/search/sweeper.py.
 """
 
 from hydra.core.config_store import ConfigStore
 
-from mnist_lit import search
+from mnist_lit.search import sweeper
 
 
-class OptunaSweeper(search.OptunaSweeper):
-    """See `mnist_lit.search.OptunaSweeper`."""
+class OptunaSweeper(sweeper.OptunaSweeper):
+    """See `mnist_lit.search.sweeper.OptunaSweeper`."""
 
 
 ConfigStore.instance().store(
-    group="hydra/sweeper", name="mnist_lit_optuna", node=search.OptunaSweeperConf, provider="mnist_lit"
+    group="hydra/sweeper", name="mnist_lit_optuna", node=sweeper.OptunaSweeperConf, provider="mnist_lit"
 )

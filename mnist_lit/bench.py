@@ -142,7 +142,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def time_mnist_lit(cfg: DictConfig, device: torch.device) -> Timing:
-    from mnist_lit.experiment import build_run
+    from mnist_lit.run import build_run
 
     timer = epoch_timer(device)
     datamodule, model, trainer = build_run(cfg, [timer])
@@ -154,7 +154,7 @@ def time_classic(cfg: DictConfig, device: torch.device) -> Timing:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from mnist_lit.experiment import build_run
+    from mnist_lit.run import build_run
 
     timer = epoch_timer(device)
     _, model, trainer = build_run(cfg, [timer])
@@ -418,8 +418,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from mnist_lit.config import build
     from mnist_lit.errors import ConfigError
-    from mnist_lit.experiment import build_run
+    from mnist_lit.run import build_run
+    from mnist_lit.startup import prepare_process
 
+    prepare_process()  # as every command does: the timed runs get the speed tricks a training run gets
     quiet_lightning()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but no CUDA GPU is visible on this machine; use --device cpu")
@@ -522,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         report = run(args)
         print_report(report)
         if args.json is not None:
-            from mnist_lit.experiment import write_json_atomically
+            from mnist_lit.run import write_json_atomically
 
             args.json.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomically(args.json, report)

@@ -1,18 +1,16 @@
-"""Callbacks of our own: the plain per-epoch summary used when output is not a terminal, the
-reporting of an Optuna trial's progress to its study (see mnist_lit/search.py), stopping on a signal
-or a non-finite loss, and what TensorBoard shows beyond scalars (test report, histograms)."""
+"""Callbacks of our own, entries of the `callbacks` config: the progress display (a bar, or one
+plain line per epoch when output is not a terminal), stopping on a non-finite or exploding loss,
+what TensorBoard shows beyond scalars (test report, histograms), and `EndsRunEarly`, the contract of
+a callback that ends a run on purpose. (The signal stop of exact resume is in mnist_lit/resume.py,
+an Optuna trial's pruning in mnist_lit/search.py.)"""
 
 from __future__ import annotations
 
 import logging
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import lightning as L
@@ -23,10 +21,9 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassPrecision, MulticlassRecall
 
-from mnist_lit.errors import ConfigError, Interrupted, SettingError, TrainingDiverged
+from mnist_lit.errors import SettingError, TrainingDiverged
 
 if TYPE_CHECKING:
-    import optuna
     from matplotlib.figure import Figure
     from torch.utils.tensorboard import SummaryWriter
 
@@ -81,139 +78,17 @@ def progress_display(mode: Literal["auto", "bar", "lines", "none"] = "auto") -> 
     return None
 
 
-class TrialPruning(Callback):
-    """Reports `monitor` to an Optuna trial after every validation, and stops the run once the
-    study's pruner judges the trial hopeless (e.g. MedianPruner: worse than the median of earlier
-    trials at the same epoch).
+class EndsRunEarly(Callback):
+    """The contract between a run and a callback that ends it early on purpose (an Optuna trial's
+    pruning, mnist_lit/search.py): it sets `reason`, which becomes the run's status in metrics.json
+    instead of "completed"."""
 
-    It stops training the way EarlyStopping does, instead of raising Optuna's TrialPruned. The run
-    still tests its best checkpoint and writes metrics.json, with status "pruned", so reports list
-    the trial with its numbers. The study is told here, so the sweeper records the trial as pruned.
-    Under DDP rank 0 reports and decides, and every rank follows its decision. A rank that Lightning
-    started itself is not told the trial, and gets `trial=None`.
-    """
-
-    def __init__(self, trial: optuna.trial.Trial | None, monitor: str = "val/acc") -> None:
-        self.trial = trial
-        self.monitor = monitor
-        self.stop_reason: str | None = None  # becomes the run's status in metrics.json
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        trial = self.trial if trainer.is_global_zero else None  # the one rank that reports
-        prune = False
-        if trial is not None:
-            if self.monitor not in trainer.callback_metrics:
-                raise ConfigError(
-                    f"hydra.sweeper.monitor={self.monitor!r} is not a metric this run logs; "
-                    f"use one of {sorted(trainer.callback_metrics)}"
-                )
-            value = trainer.callback_metrics[self.monitor].item()
-            trial.report(value, step=trainer.current_epoch)
-            # After the last epoch there is nothing left to save: the trial completes.
-            prune = trainer.current_epoch + 1 < trainer.max_epochs and trial.should_prune()
-        # Every rank must stop together, or DDP waits forever for the ones still training.
-        if not trainer.strategy.broadcast(prune, src=0):
-            return
-        trainer.should_stop = True
-        self.stop_reason = "pruned"
-        if trial is not None:
-            from optuna.trial import TrialState
-
-            epoch = trainer.current_epoch + 1
-            log.info(f"Optuna trial {trial.number} pruned after epoch {epoch}: {self.monitor} {value:.4f}")
-            trial.study.tell(trial.number, state=TrialState.PRUNED)
+    reason: str | None = None
 
 
 # Where a check costs a collective operation (DDP) or a wait for the accelerator, it runs only
 # every this many steps.
 CHECK_EVERY_N_STEPS = 32
-# The checkpoint entry with what Lightning does not restore itself (see GracefulStop).
-RESUME_STATE = "mnist_lit_resume_state"
-
-
-class GracefulStop(Callback):
-    """Ctrl-C (SIGINT) or SIGTERM stops training between two batches, after writing `ckpt_path`,
-    a checkpoint that continues exactly where training stopped; a second Ctrl-C stops at once.
-
-    The stop never follows an epoch's last batch: that epoch's validation and checkpoint come
-    first, and training stops after the next batch. Every checkpoint of the run also carries
-    what an exact continuation needs beyond Lightning's own state: torch's random number
-    generator states (dropout, augmentation) and how far the epoch's training batches have got.
-    (Lightning stores the latter too, but does not restore it when configure_optimizers reads
-    `estimated_stepping_batches`, as ours does: that builds the loader before the state is loaded.)
-    """
-
-    def __init__(self, ckpt_path: Path) -> None:
-        self.ckpt_path = ckpt_path
-        self.received: int | None = None
-        self.previous_handlers: dict[int, Any] = {}
-        self.resume_state: dict[str, Any] | None = None
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # No printing here: the signal may arrive in the middle of a write to the same stream.
-        if self.received is not None:
-            self._restore_handlers()
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def _restore_handlers(self) -> None:
-        for signum, handler in self.previous_handlers.items():
-            signal.signal(signum, handler)
-        self.previous_handlers = {}
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        loader = trainer.train_dataloader
-        checkpoint[RESUME_STATE] = {
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "train_batches": loader.state_dict() if hasattr(loader, "state_dict") else None,
-        }
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self.resume_state = checkpoint.get(RESUME_STATE)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Applied as late as possible: nothing may draw random numbers between here and training.
-        if self.resume_state is not None:
-            state, self.resume_state = self.resume_state, None
-            torch.set_rng_state(state["torch_rng"])
-            if state["cuda_rng"] and len(state["cuda_rng"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-            if state["train_batches"] is not None:
-                trainer.train_dataloader.load_state_dict(state["train_batches"])
-        # Replaces the SIGTERM handler Lightning installs for fitting, which may stop in the middle
-        # of a validation, whose partial metrics no checkpoint can hold.
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous_handlers[signum] = signal.signal(signum, self._on_signal)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_handlers()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_handlers()
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if batch_idx + 1 == trainer.num_training_batches:
-            return
-        # Between two optimizer steps only: gradients accumulated over part of a step
-        # (trainer.accumulate_grad_batches) are in no checkpoint.
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return
-        if trainer.world_size > 1:
-            if trainer.global_step % CHECK_EVERY_N_STEPS:
-                return
-            # A signal may reach one rank only (kill <pid>); all ranks must stop at the same step.
-            stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
-        else:
-            stop = self.received is not None
-        if stop:
-            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
-            raise Interrupted(self.received or signal.SIGTERM, trainer.global_step, self.ckpt_path)
 
 
 class StopOnDivergence(Callback):

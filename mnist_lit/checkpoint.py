@@ -25,6 +25,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     another file system, it copies the file into place.)
     """
 
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """The checkpoint, read safely (see `read_checkpoint`): the one the run's checks just read, if
+        it is this file, so that resuming reads each checkpoint once."""
+        return _take_checked(Path(path)) or read_checkpoint(path)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +39,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, file)
             file.flush()
             os.fsync(file.fileno())  # on disk before the rename makes it the checkpoint
+
+
+# The checkpoint `check_resumable` read last, with the file's identity, until Lightning loads it.
+_checked: tuple[tuple[str, int, int], dict[str, Any]] | None = None
+
+
+def _identity(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def _take_checked(path: Path) -> dict[str, Any] | None:
+    global _checked
+    checked, _checked = _checked, None
+    if checked is not None and path.is_file() and checked[0] == _identity(path):
+        return checked[1]
+    return None
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -75,7 +99,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_classifier(path: str | Path) -> tuple[MNISTClassifier, dict[str, Any]]:
     """Rebuild the model from the checkpoint alone; also return the data settings it was trained with."""
-    checkpoint = read_checkpoint(path)
+    return classifier_from(read_checkpoint(path), path)
+
+
+def classifier_from(checkpoint: dict[str, Any], path: str | Path) -> tuple[MNISTClassifier, dict[str, Any]]:
+    """The model a checkpoint read from `path` describes, with its weights, and its data settings."""
     try:
         model = MNISTClassifier(**checkpoint["hyper_parameters"])
     except (TypeError, ValueError) as err:
@@ -94,8 +122,10 @@ def load_classifier(path: str | Path) -> tuple[MNISTClassifier, dict[str, Any]]:
 def check_resumable(path: str | Path, model_hparams: Mapping[str, Any]) -> None:
     """Refuse, before training starts, a checkpoint to resume from that is unsafe, unreadable, whose
     weights do not fit its own settings, or whose model settings differ from this run's config."""
-    load_classifier(path)
-    saved = read_checkpoint(path)["hyper_parameters"]
+    global _checked
+    checkpoint = read_checkpoint(path)
+    classifier_from(checkpoint, path)
+    saved = checkpoint["hyper_parameters"]
     differing = {key: (saved[key], value) for key, value in model_hparams.items() if saved.get(key, value) != value}
     if differing:
         details = ", ".join(
@@ -105,3 +135,4 @@ def check_resumable(path: str | Path, model_hparams: Mapping[str, Any]) -> None:
             f"{path} was trained with other model settings ({details}). Resume with the settings of the run "
             "that wrote it, most simply with resume=<its run folder>."
         )
+    _checked = (_identity(Path(path)), checkpoint)  # for Lightning's load: each checkpoint is read once

@@ -186,7 +186,7 @@ class TensorBatches:
 
     Resumable mid-epoch: `state_dict()` is the epoch of the pass in progress and how many batches
     it has handed out; after `load_state_dict`, the next pass over that epoch skips them.
-    Checkpoints carry it (see GracefulStop in callbacks.py).
+    Checkpoints carry it (mnist_lit/resume.py).
     """
 
     batch_sampler = None  # read by Lightning's DataLoader checks; `sampler` does the work
@@ -325,7 +325,10 @@ class MNISTDataModule(L.LightningDataModule):
         return TensorBatches(images, labels, batch_size, sampler)
 
     def train_dataloader(self) -> TensorBatches:
-        return self._batches("train", self.batch_size, shuffle=True)
+        # trainer.overfit_batches trains on the same first batches every epoch. Lightning fixes the
+        # order of a DataLoader itself, but not of batches like these.
+        overfitting = self.trainer is not None and self.trainer.overfit_batches > 0
+        return self._batches("train", self.batch_size, shuffle=not overfitting)
 
     def val_dataloader(self) -> TensorBatches:
         return self._batches("val", self.eval_batch_size, shuffle=False)

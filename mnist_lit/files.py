@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mnist_lit.errors import ConfigError
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -41,3 +43,29 @@ def remove_unused_run_folder(run_dir: Path) -> None:
         if not (entry.name in BEFORE_TRAINING or (entry.suffix == ".log" and entry.is_file())):
             return
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def checked_output(value: str, key: str) -> Path:
+    """The file a run will write `key` to, with its folder created; refused early if unusable."""
+    path = Path(value)
+    if path.is_dir():
+        raise ConfigError(f"{key}={value} is a folder; give a file name.")
+    make_folder(path.parent, key)
+    return path
+
+
+def make_folder(path: Path, key: str) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot create folder {path} ({err.strerror or err}); choose another.") from None
+    return path
+
+
+def write_atomically(path: Path, data: bytes, key: str) -> None:
+    """Write under a temporary name beside `path`, then rename: nobody ever reads half a file."""
+    try:
+        with atomic_path(path) as partial:
+            partial.write_bytes(data)
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot write {path} ({err.strerror or err}); choose a writable path.") from None

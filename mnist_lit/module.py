@@ -9,20 +9,22 @@ from typing import Any, Literal, Optional, get_args
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
 from mnist_lit.augment import BatchAugment
-from mnist_lit.errors import ConfigError, SettingError, require_finite
+from mnist_lit.errors import SettingError, require_finite
 from mnist_lit.mnist import IMAGE_SIZE, NUM_CLASSES
 from mnist_lit.model import MLP, Activation
+from mnist_lit.speed import DeferredMetricInputs, PlainHookName
 
 OptimizerName = Literal["adam", "adamw", "sgd"]
 SchedulerName = Literal["none", "onecycle", "cosine"]  # each stepped every batch
 
 METRIC_NAMES = ("loss", "acc", "precision", "recall", "f1")
+# The checkpoint entry with the training-metric inputs of the steps since the epoch began.
+PENDING_TRAIN_INPUTS = "pending_train_outputs"
 # What checkpointing and early stopping can watch: the metrics this module logs every epoch.
 MONITORABLE = (*(f"{stage}/{name}" for stage in ("train", "val") for name in METRIC_NAMES), "val/acc_best")
 
@@ -68,7 +70,7 @@ def make_optimizer(
     return optim, None
 
 
-class MNISTClassifier(L.LightningModule):
+class MNISTClassifier(PlainHookName, L.LightningModule):
     """Cross-entropy on the MLP's logits; metrics are computed and logged once per epoch, so no
     step waits on a metric computation."""
 
@@ -145,17 +147,8 @@ class MNISTClassifier(L.LightningModule):
         self.train_loss = MeanMetric(nan_strategy="disable")  # "disable": no host sync per step
         for metric in (self.train_loss, self.train_metrics, self.val_acc_best):
             metric.persistent(True)
-        # What each training step hands to the training metrics, until `_update_train_metrics`.
-        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning notes the hook it is in, `_current_fx_name`, around each of the ~25 hooks it
-        # calls per training step. nn.Module.__setattr__ checks every value for a parameter, buffer
-        # or submodule first: 1 us each time, 4% of a batch-64 step on a CPU. A name needs none.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+        # The training metrics are updated once per epoch (mnist_lit/speed.py).
+        self.train_inputs = DeferredMetricInputs()
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
@@ -174,48 +167,14 @@ class MNISTClassifier(L.LightningModule):
         # Smoothing only the training targets keeps val/ and test/loss the plain cross-entropy, so
         # they compare across runs with and without it.
         losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.hparams.label_smoothing)
-        self._pending.append((logits.detach().argmax(dim=1), labels, losses.detach()))
+        self.train_inputs.add(logits.argmax(dim=1), labels, losses)
         return losses.mean()
 
-    def _update_train_metrics(self) -> None:
-        """Give the training metrics what the steps since the last call kept, in one update.
-
-        The metrics only add up counts and sums, so one update per epoch gives the same values as
-        one per step, without torchmetrics' fixed cost per update: about 0.5 ms for these metrics
-        on a CPU, where the whole batch-64 step (forward, backward, Adam) takes 0.7 ms.
-        """
-        if self._pending:
-            predictions, labels, losses = (
-                torch.cat([tensor.to(self.device) for tensor in column]) for column in zip(*self._pending, strict=True)
-            )
-            self._pending = []
-            self.train_metrics.update(predictions, labels)
-            self.train_loss.update(losses)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A checkpoint written mid-epoch carries the steps not yet given to the training metrics
-        # as they are: the resumed epoch then sums the same values in the same order as one that
-        # never stopped, to the last bit. Joined into three tensors: the checkpoint written after an
-        # epoch's validation would otherwise hold ~2,500 small ones, 0.2 s to save each time.
-        columns = zip(*self._pending, strict=True)
-        checkpoint["pending_train_outputs"] = [tuple(torch.cat(column) for column in columns)] if self._pending else []
+        checkpoint[PENDING_TRAIN_INPUTS] = self.train_inputs.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending = list(checkpoint.get("pending_train_outputs", []))  # on the CPU until used
-        # A schedule's length is fixed when a run begins, and the checkpoint's schedule replaces the
-        # one configure_optimizers built: resumed with more (or fewer) steps, OneCycle would fail
-        # once past its end and cosine would turn back up. Refuse before training goes on.
-        schedules = checkpoint.get("lr_schedulers") or [{}]
-        length = schedules[0].get("total_steps", schedules[0].get("T_max"))
-        if length is not None and self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            planned = int(self.trainer.estimated_stepping_batches)
-            if planned != length:
-                raise ConfigError(
-                    f"this run plans {planned} optimizer steps, but its checkpoint's model.scheduler="
-                    f"{self.hparams.scheduler} was laid out over {length} steps when the run began: keep the "
-                    "trainer.max_epochs/max_steps/limit_train_batches and data.batch_size it started with, or "
-                    "start a new run (ckpt_path=<its checkpoint> with model.scheduler=none trains on from its weights)."
-                )
+        self.train_inputs.load_state_dict(checkpoint.get(PENDING_TRAIN_INPUTS, []))
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_metrics)
@@ -237,6 +196,14 @@ class MNISTClassifier(L.LightningModule):
         # Drop whatever the sanity check put into the validation metrics (it never updates
         # val_acc_best, which a resumed run must keep).
         self.val_metrics.reset()
+
+    def _update_train_metrics(self) -> None:
+        """Give the training metrics the inputs of the steps so far, in one update (mnist_lit/speed.py)."""
+        inputs = self.train_inputs.take(self.device)
+        if inputs is not None:
+            predictions, labels, losses = inputs
+            self.train_metrics.update(predictions, labels)
+            self.train_loss.update(losses)
 
     def on_train_epoch_end(self) -> None:
         self._update_train_metrics()

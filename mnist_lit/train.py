@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_lit.config import register
-from mnist_lit.errors import ConfigError, MnistLitError, reported_as_exit
+from mnist_lit.errors import MnistLitError, reported_as_exit
 from mnist_lit.files import remove_unused_run_folder
 
 register()
@@ -18,11 +17,16 @@ register()
 
 @hydra.main(version_base="1.3", config_path="pkg://mnist_lit.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    # Imported here so that --help and --cfg answer without loading torch.
+    # Imported here, not at the top: a launcher that pickles this function (submitit) would import
+    # them in its worker before Hydra sets up logging there, and Lightning's console output of the
+    # DDP ranks would be lost.
     from mnist_lit.distributed import distributed_job
-    from mnist_lit.experiment import fit_and_test, print_config_tree
-    from mnist_lit.search import OBJECTIVE, trial_pruning
+    from mnist_lit.run import fit_and_test
+    from mnist_lit.search import OBJECTIVE
+    from mnist_lit.search.pruning import trial_pruning
+    from mnist_lit.startup import prepare_process
 
+    prepare_process()
     output_dir = Path(cfg.paths.output_dir)
     with reported_as_exit(), distributed_job():
         print_config_tree(cfg, output_dir)
@@ -35,42 +39,30 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(OBJECTIVE)
 
 
-def expand_resume(args: list[str]) -> list[str]:
-    """Replace `resume=<run folder>` with that run's own overrides, its folder and its last.ckpt.
+def print_config_tree(cfg: DictConfig, output_dir: Path) -> None:
+    """Show the resolved config as a tree, one branch per group, and where the run writes."""
+    from lightning.pytorch.utilities import rank_zero_only
 
-    The run goes on with the config it was started with (overrides given besides resume= apply on
-    top, e.g. trainer.max_epochs=20), in its folder and TensorBoard run. Its `.hydra/` record is
-    kept as it was; this invocation's goes to `.hydra/resumed_<time>/`.
-    """
-    given = [arg for arg in args if arg.startswith("resume=")]
-    if not given:
-        return args
-    if {"-m", "--multirun"} & set(args):
-        raise ConfigError("resume= continues one run; it cannot be combined with -m/--multirun.")
-    run = Path(given[-1].removeprefix("resume="))
-    overrides, checkpoint = run / ".hydra" / "overrides.yaml", run / "checkpoints" / "last.ckpt"
-    if not overrides.is_file():
-        raise ConfigError(f"resume={run}: not a run folder ({overrides} is missing); give one like outputs/runs/<run>.")
-    if not checkpoint.is_file():
-        raise ConfigError(
-            f"resume={run}: {checkpoint} does not exist (the run stopped before it wrote one); start the run again."
+    if rank_zero_only.rank != 0:  # DDP ranks > 0 re-run the script: one tree on the console is enough
+        return
+    from rich import print as rich_print
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    groups = {key: value for key, value in cfg.items() if isinstance(value, DictConfig)}
+    groups["run"] = OmegaConf.create({key: value for key, value in cfg.items() if key not in groups})
+    for key, value in groups.items():
+        tree.add(str(key)).add(
+            Syntax(OmegaConf.to_yaml(value, resolve=True).rstrip(), "yaml", background_color="default")
         )
-    saved = [override for override in OmegaConf.load(overrides) if not override.startswith("ckpt_path=")]
-    return [
-        *saved,
-        *(arg for arg in args if not arg.startswith("resume=")),
-        f"hydra.run.dir={quoted(run)}",
-        f"hydra.output_subdir=.hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}",
-        f"ckpt_path={quoted(checkpoint)}",
-    ]
-
-
-def quoted(path: Path) -> str:
-    """A path as a quoted Hydra override value, whatever characters it holds."""
-    return "'" + str(path).replace("'", "\\'") + "'"
+    rich_print(tree)
+    rich_print(f"[bold]outputs:[/bold] {output_dir}")
 
 
 if __name__ == "__main__":
+    from mnist_lit.resume import expand_resume
+
     with reported_as_exit():
         sys.argv[1:] = expand_resume(sys.argv[1:])
     main()

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from mnist_lit.augment import BatchAugment
 from mnist_lit.config import arguments, register
 from mnist_lit.errors import ConfigError
-from mnist_lit.experiment import build_run
 from mnist_lit.module import MNISTClassifier
+from mnist_lit.run import build_run
 from tests.test_config import compose_train
 
 register()

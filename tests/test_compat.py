@@ -15,8 +15,8 @@ from PIL import Image
 
 from mnist_lit.checkpoint import load_classifier
 from mnist_lit.config import register
-from mnist_lit.experiment import evaluate
-from mnist_lit.inference import predict
+from mnist_lit.eval import evaluate
+from mnist_lit.predict import predict
 from tests.conftest import CONF_DIR, PROJECT_ROOT, SyntheticMNIST, make_digits, run_module
 
 register()

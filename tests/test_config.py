@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from mnist_lit.config import register
 from mnist_lit.errors import ConfigError
-from mnist_lit.experiment import build_run, trainer_arguments
+from mnist_lit.run import build_run, trainer_arguments
 from tests.conftest import CONF_DIR, run_module
 
 register()

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mnist_lit import inference
+from mnist_lit import export as exporting
 from mnist_lit.config import register
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import ConfigError, DataError, ExportError
-from mnist_lit.inference import export, export_onnx, export_pt2, pt2_runner
+from mnist_lit.export import export, export_onnx, export_pt2, pt2_runner
 from mnist_lit.module import MNISTClassifier
 from tests.conftest import CONF_DIR, SyntheticMNIST, run_module
 from tests.test_predict import save_checkpoint
@@ -156,8 +156,8 @@ def test_a_model_that_disagrees_with_pytorch_is_not_written(
     fitted: Path, synthetic_mnist: SyntheticMNIST, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A broken exporter stands in as a runtime whose logits are off by 0.01."""
-    real_runner = inference.onnx_runner
-    monkeypatch.setattr(inference, "onnx_runner", lambda path: lambda images: real_runner(path)(images) + 0.01)
+    real_runner = exporting.onnx_runner
+    monkeypatch.setattr(exporting, "onnx_runner", lambda path: lambda images: real_runner(path)(images) + 0.01)
     cfg = compose_export(
         f"ckpt_path={fitted}",
         f"output={tmp_path / 'model.onnx'}",

@@ -4,8 +4,6 @@ threads, parallel sweeps, and on a GPU a dataset that never leaves the device.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import joblib
@@ -20,9 +18,9 @@ from torchmetrics import MeanMetric
 from mnist_lit.config import register
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import ConfigError
-from mnist_lit.experiment import build_run
 from mnist_lit.module import MNISTClassifier, classification_metrics, make_optimizer
-from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_module
+from mnist_lit.run import build_run
+from tests.conftest import CONF_DIR, FAST_TRAIN, SyntheticMNIST, run_module
 
 register()
 
@@ -110,13 +108,6 @@ def test_threads_sets_torch_threads_for_the_run() -> None:
         torch.set_num_threads(before)
     with pytest.raises(ConfigError, match="threads=0"):
         build_run(compose_train("threads=0"))
-
-
-def test_importing_the_training_code_turns_off_the_per_step_nvml_query() -> None:
-    # Lightning sets the variable on import; with it, every Adam step asks NVML for the GPU count.
-    code = "import os, mnist_lit.experiment; print(os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK'))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT, check=True)
-    assert result.stdout.strip() == "None"
 
 
 def test_fast_experiment_trades_epochs_for_batch_size_and_skips_the_extras() -> None:

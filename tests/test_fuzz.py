@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_lit import experiment
+from mnist_lit import run as experiment
 from mnist_lit.config import register
 from mnist_lit.data import ensure_mnist, load_split
 from mnist_lit.errors import ConfigError, DataError

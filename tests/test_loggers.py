@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnist_lit.config import register
 from mnist_lit.errors import ConfigError
-from mnist_lit.experiment import build_run, fit_and_test
 from mnist_lit.loggers import finish_loggers, prepare_logger
+from mnist_lit.run import build_run, fit_and_test
 from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST
 
 register()
@@ -320,8 +320,11 @@ def test_many_writes_tensorboard_csv_and_mlflow(synthetic_mnist: SyntheticMNIST,
 def test_wandb_online_without_an_account_says_how_to_run_offline(
     synthetic_mnist: SyntheticMNIST, tmp_path: Path, wandb_offline: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import wandb
+
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc with a key
+    wandb.teardown()  # forget the settings (offline mode) an earlier run of this process left
     monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
     with pytest.raises(ConfigError, match=r"^logger\.wandb: .*WANDB_MODE=offline"):
         train(synthetic_mnist, tmp_path, "wandb")

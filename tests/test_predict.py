@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw, ImageFont, features
 
 from mnist_lit.config import register
 from mnist_lit.errors import CheckpointError, ConfigError
-from mnist_lit.inference import predict
 from mnist_lit.module import MNISTClassifier
+from mnist_lit.predict import predict
 from mnist_lit.preprocess import ImageError, load_digit, normalize, to_mnist
 from tests.conftest import CONF_DIR, run_module
 

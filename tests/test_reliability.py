@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mnist_lit import experiment
+from mnist_lit import run as experiment
 from mnist_lit.callbacks import CHECK_EVERY_N_STEPS, StopOnDivergence
 from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable, load_classifier, read_checkpoint
 from mnist_lit.config import register

@@ -15,7 +15,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState  # noqa: E402
 
 from mnist_lit.errors import ConfigError  # noqa: E402
-from mnist_lit.search import parse_search_space  # noqa: E402
+from mnist_lit.search.sweeper import parse_search_space  # noqa: E402
 from tests.conftest import FAST_TRAIN, SyntheticMNIST, run_module  # noqa: E402
 
 # FAST_TRAIN fixes data.batch_size, which takes it out of the search space. Two batches per epoch

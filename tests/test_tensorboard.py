@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit.callbacks import ClassificationReport, ParameterHistograms
-from mnist_lit.experiment import build_callbacks
+from mnist_lit.run import build_callbacks
 from tests.conftest import FAST_TRAIN, SyntheticMNIST, run_module
 from tests.test_config import compose_train
 

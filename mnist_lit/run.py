@@ -1,14 +1,12 @@
-"""What one run is made of: the Trainer, its logger and callbacks, built from the config, and the
-files a run leaves behind (`metrics.json`, TensorBoard hparams)."""
+"""One training run: its data, model and Trainer built from the config (every refusal of a setting
+before any data is read), fit, test of the best checkpoint, and `metrics.json`, the run's record."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,31 +14,18 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mnist_lit.callbacks import GracefulStop
+from mnist_lit.callbacks import EndsRunEarly
 from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable
-from mnist_lit.config import arguments, build, check_arguments, require, to_plain
+from mnist_lit.config import arguments, build, check_arguments, to_plain
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import ConfigError, Interrupted, TrainingDiverged
 from mnist_lit.files import atomic_path
 from mnist_lit.loggers import build_loggers, finish_loggers, log_hyperparameters
 from mnist_lit.module import MONITORABLE, MNISTClassifier
-
-# Lightning advertises a cloud service on every run, and trips over its own pytree deprecation.
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-    lambda record: "litlogger" not in record.getMessage()
-)
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-# Under DDP it asks for sync_dist on epoch values that torchmetrics has synced already.
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(train|val|test)/")
-# Lightning sets this on import so that checking for CUDA never poisons a fork. With it, torch's
-# Adam asks NVML whether CUDA is available on every step (torch.cuda.device_count() caches nothing
-# until CUDA is initialized): 0.1-0.9 ms a step on a CPU-only machine, up to half of a batch-64 step.
-# No process of ours forks after using CUDA (DDP and the joblib launcher start fresh interpreters).
-os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+from mnist_lit.resume import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +115,8 @@ def build_callbacks(callbacks: DictConfig, has_logger: bool) -> list[Callback]:
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
-    """The Trainer of a run, with its loggers and callbacks, and the signal stop of mnist_lit/callbacks.py."""
+    """The Trainer of a run, with its loggers and callbacks, and the signal stop of mnist_lit/resume.py."""
     kwargs = trainer_arguments(cfg.trainer)
-    if kwargs["overfit_batches"] and cfg.test:
-        raise ConfigError(
-            f"trainer.overfit_batches={kwargs['overfit_batches']} validates on training batches, so the "
-            "checkpoint it picks is chosen on training data and its test would not be a held-out score: "
-            "add test=false (debug=overfit does)."
-        )
     output_dir = Path(cfg.paths.output_dir)
     loggers = list(build_loggers(cfg.logger).values())
     callbacks = [
@@ -198,7 +177,7 @@ def fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[st
     write `metrics.json` into the run folder. Returns what it wrote.
 
     `callbacks` join the configured ones (an Optuna trial's pruning, see mnist_lit/search.py). A
-    callback that ends a run early on purpose sets `stop_reason`, which becomes the run's status.
+    callback that ends a run early on purpose is an `EndsRunEarly`: its `reason` becomes the status.
     """
     try:
         results = _fit_and_test(cfg, callbacks)
@@ -226,86 +205,52 @@ def _fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback]) -> dict[str, A
     except MisconfigurationException as err:  # Lightning's checks of trainer.* against the data
         raise ConfigError(f"Lightning refuses the trainer.* settings: {err}") from None
     fit_seconds = time.perf_counter() - started
-    results: dict[str, Any] = final_metrics(trainer)
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     # Under DDP every rank tests the file rank 0 saved.
     best_path = trainer.strategy.broadcast(best_path)
+    metrics = final_metrics(trainer)  # the test replaces Lightning's record of the fit's metrics
+    tested: dict[str, float] = {}
     if cfg.test:
         # Without validation there is no best checkpoint: test the final weights instead.
         trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False, weights_only=True)
-        results.update(final_metrics(trainer))
-    results.update(
-        ckpt_path=best_path or None,
-        epochs=trainer.current_epoch,
-        global_step=trainer.global_step,
+        tested = final_metrics(trainer)
+    status = next((cb.reason for cb in trainer.callbacks if isinstance(cb, EndsRunEarly) and cb.reason), "completed")
+    results = write_metrics(
+        trainer,
+        output_dir,
+        status,
+        metrics={**metrics, **tested},
         fit_seconds=round(fit_seconds, 2),
         threads=torch.get_num_threads(),
-        status=next((cb.stop_reason for cb in trainer.callbacks if getattr(cb, "stop_reason", None)), "completed"),
     )
-    if trainer.global_rank == 0:
-        write_json_atomically(output_dir / "metrics.json", results)
-        tested = "  ".join(f"{key} {value:.4f}" for key, value in results.items() if key.startswith("test/"))
-        if tested:
-            log.info(f"test  {tested}")
+    if trainer.global_rank == 0 and tested:
+        log.info("test  " + "  ".join(f"{key} {value:.4f}" for key, value in tested.items()))
     return results
 
 
 def record_stop(trainer: L.Trainer, output_dir: Path, stop: Interrupted | TrainingDiverged) -> None:
     """metrics.json of a run that stopped early: why, the metrics so far, and what to resume from."""
-    best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    results: dict[str, Any] = final_metrics(trainer)
-    results.update(ckpt_path=best_path or None, epochs=trainer.current_epoch, global_step=trainer.global_step)
     if isinstance(stop, Interrupted):
-        results.update(status="interrupted", signal=stop.signal.name, resume_from=str(stop.ckpt_path))
+        write_metrics(trainer, output_dir, "interrupted", signal=stop.signal.name, resume_from=str(stop.ckpt_path))
     else:
-        results.update(status="diverged", error=str(stop))
+        write_metrics(trainer, output_dir, "diverged", error=str(stop))
+
+
+def write_metrics(
+    trainer: L.Trainer, output_dir: Path, status: str, metrics: dict[str, float] | None = None, **fields: Any
+) -> dict[str, Any]:
+    """Write the run's `metrics.json` (on global rank 0): its `metrics` (by default the Trainer's
+    latest), the best checkpoint, how far it got, its `status` (completed, interrupted, diverged,
+    pruned) and `fields`. Returns what it wrote."""
+    best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    results: dict[str, Any] = {
+        **(final_metrics(trainer) if metrics is None else metrics),
+        "ckpt_path": best_path or None,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "status": status,
+        **fields,
+    }
     if trainer.global_rank == 0:
         write_json_atomically(output_dir / "metrics.json", results)
-
-
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Test a checkpoint on the official test set with the data settings it was trained with;
-    write and print the metrics. The same checkpoint gives the same numbers as its run's test."""
-    from mnist_lit.checkpoint import load_classifier
-
-    require(cfg, "ckpt_path", "python -m mnist_lit.eval ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt")
-    trainer_kwargs = trainer_arguments(cfg.trainer)
-    model, data_hparams = load_classifier(cfg.ckpt_path)
-    datamodule = MNISTDataModule(**{**data_hparams, **arguments(cfg.data)})
-    trainer = L.Trainer(
-        **{**trainer_kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
-    )
-    trainer.test(model, datamodule=datamodule, verbose=False)
-    results: dict[str, Any] = {**final_metrics(trainer), "ckpt_path": str(cfg.ckpt_path)}
-    if trainer.is_global_zero:
-        write_json_atomically(Path(cfg.paths.output_dir) / "metrics.json", results)
-        print_metrics(results)
     return results
-
-
-def print_metrics(results: dict[str, Any]) -> None:
-    from rich import print as rich_print
-    from rich.table import Table
-
-    table = Table("metric", "value")
-    for key, value in results.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    rich_print(table)
-
-
-@rank_zero_only  # DDP ranks > 0 re-run the script: one tree on the console is enough
-def print_config_tree(cfg: DictConfig, output_dir: Path) -> None:
-    """Show the resolved config as a tree, one branch per group, and where the run writes."""
-    from rich import print as rich_print
-    from rich.syntax import Syntax
-    from rich.tree import Tree
-
-    tree = Tree("config", guide_style="dim")
-    groups = {key: value for key, value in cfg.items() if isinstance(value, DictConfig)}
-    groups["run"] = OmegaConf.create({key: value for key, value in cfg.items() if key not in groups})
-    for key, value in groups.items():
-        tree.add(str(key)).add(
-            Syntax(OmegaConf.to_yaml(value, resolve=True).rstrip(), "yaml", background_color="default")
-        )
-    rich_print(tree)
-    rich_print(f"[bold]outputs:[/bold] {output_dir}")

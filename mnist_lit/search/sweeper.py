@@ -1,25 +1,6 @@
-"""Hyperparameter search with Optuna, driven by Hydra: `python -m mnist_lit.train hparams_search=optuna`.
-
-It works on two sides:
-- `OptunaSweeper` runs in the launching process. It asks the study for trials, turns each one into
-  Hydra overrides, launches them as jobs (job folder N holds trial N) and tells the study what each
-  job returned (`val/acc_best`).
-- `trial_pruning()` runs inside each job. It gives the Trainer a callback that reports `val/acc` to
-  the job's trial after every validation, so the study's pruner can stop hopeless trials early.
-
-The study lives in an SQLite file in the sweep folder. Relaunching with the same
-`hydra.sweep.dir` loads it and runs only the trials that are still missing.
-
-This replaces the `hydra-optuna-sweeper` package, and keeps its keys (direction, study_name, storage,
-n_trials, n_jobs, sampler with its seed, max_failure_rate, params). Its last release (1.3.0) requires
-optuna<3, whose SQLite storage fails on SQLAlchemy 2. Its 1.4.0 release candidates work with Optuna 4
-but need a hydra-core 1.4 pre-release, have no pruning, number a relaunch's jobs from 0 again
-(overwriting the folders of the trials before) and run `n_trials` more trials instead of topping the
-study up to `n_trials`.
-
-Optuna is imported only when a search runs, so Hydra's plugin scan at every start stays cheap and
-installs without the `search` extra still work.
-"""
+"""The launching side of a search: `OptunaSweeper`, the Hydra sweeper that asks an Optuna study for
+trials, turns each one into Hydra overrides, launches them as jobs (job folder N holds trial N) and
+tells the study what each job returned. See the package's docstring for the whole search."""
 
 from __future__ import annotations
 
@@ -40,16 +21,13 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_lit.errors import ConfigError, reported_as_exit
+from mnist_lit.search import OBJECTIVE
 
 if TYPE_CHECKING:
     import optuna
-    from lightning.pytorch.callbacks import Callback
     from optuna.distributions import BaseDistribution
 
 log = logging.getLogger(__name__)
-
-# What a training job returns to the sweeper, and so what a search optimizes: a validation metric.
-OBJECTIVE = "val/acc_best"
 
 
 @dataclass
@@ -294,31 +272,3 @@ def save_results(study: optuna.Study, path: Path) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     OmegaConf.save(OmegaConf.create(results), partial)
     os.replace(partial, path)
-
-
-def trial_pruning() -> list[Callback]:
-    """In a job of an Optuna search with a pruner, the callback that reports to the job's trial; else none."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    sweeper = HydraConfig.get().sweeper
-    if "trial" not in sweeper or sweeper.pruner is None:  # not this sweeper, or no pruning
-        return []
-
-    from mnist_lit.callbacks import TrialPruning
-
-    if sweeper.trial is None:
-        # A DDP rank that Lightning started for a trial's job: it is not told the trial (only the
-        # job's task overrides reach it), but it must follow rank 0's decision to stop. (In a
-        # run started without -m the callback is idle.)
-        return [TrialPruning(None, monitor=sweeper.monitor)]
-
-    import optuna
-    from hydra.utils import instantiate
-
-    storage = optuna.storages.RDBStorage(sweeper.storage)
-    study = optuna.load_study(study_name=sweeper.study_name, storage=storage, pruner=instantiate(sweeper.pruner))
-    study_id = storage.get_study_id_from_name(sweeper.study_name)
-    trial = optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, sweeper.trial))
-    return [TrialPruning(trial, monitor=sweeper.monitor)]

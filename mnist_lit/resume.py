@@ -1,0 +1,176 @@
+"""Exact resume: a run stopped by Ctrl-C, SIGTERM or a crash goes on from its last checkpoint and
+ends with the numbers of a run that never stopped.
+
+The pieces, all here but the two states that live with what they describe:
+- `resume=<run folder>` on the command line (`expand_resume`, called by mnist_lit/train.py before
+  Hydra sees the arguments): the run's own overrides, folder and `checkpoints/last.ckpt`.
+- `GracefulStop`: stops between two batches on a signal, after writing `last.ckpt`.
+- What a checkpoint carries beyond Lightning's own state:
+  - `RESUME_STATE` (here): torch's random number generator states (dropout, augmentation, noise)
+    and how far the epoch's training batches have got (`TensorBatches.state_dict`, mnist_lit/data.py);
+  - `PENDING_TRAIN_INPUTS` (mnist_lit/module.py): the training-metric inputs of the epoch so far
+    (`DeferredMetricInputs`, mnist_lit/speed.py).
+- `check_schedule_length`: a resumed run must plan the steps its learning-rate schedule was laid out for.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from omegaconf import OmegaConf
+
+from mnist_lit.callbacks import CHECK_EVERY_N_STEPS
+from mnist_lit.errors import ConfigError, Interrupted
+
+# The checkpoint entry with what Lightning does not restore itself (see GracefulStop).
+RESUME_STATE = "mnist_lit_resume_state"
+
+
+class GracefulStop(Callback):
+    """Ctrl-C (SIGINT) or SIGTERM stops training between two batches, after writing `ckpt_path`,
+    a checkpoint that continues exactly where training stopped; a second Ctrl-C stops at once.
+
+    The stop never follows an epoch's last batch: that epoch's validation and checkpoint come
+    first, and training stops after the next batch. Every checkpoint of the run also carries
+    what an exact continuation needs beyond Lightning's own state: torch's random number
+    generator states (dropout, augmentation) and how far the epoch's training batches have got.
+    (Lightning stores the latter too, but does not restore it when configure_optimizers reads
+    `estimated_stepping_batches`, as ours does: that builds the loader before the state is loaded.)
+    """
+
+    def __init__(self, ckpt_path: Path) -> None:
+        self.ckpt_path = ckpt_path
+        self.received: int | None = None
+        self.previous_handlers: dict[int, Any] = {}
+        self.resume_state: dict[str, Any] | None = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # No printing here: the signal may arrive in the middle of a write to the same stream.
+        if self.received is not None:
+            self._restore_handlers()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.previous_handlers = {}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        loader = trainer.train_dataloader
+        checkpoint[RESUME_STATE] = {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "train_batches": loader.state_dict() if hasattr(loader, "state_dict") else None,
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.resume_state = checkpoint.get(RESUME_STATE)
+        check_schedule_length(trainer, pl_module, checkpoint)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Applied as late as possible: nothing may draw random numbers between here and training.
+        if self.resume_state is not None:
+            state, self.resume_state = self.resume_state, None
+            torch.set_rng_state(state["torch_rng"])
+            if state["cuda_rng"] and len(state["cuda_rng"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            if state["train_batches"] is not None:
+                trainer.train_dataloader.load_state_dict(state["train_batches"])
+        # Replaces the SIGTERM handler Lightning installs for fitting, which may stop in the middle
+        # of a validation, whose partial metrics no checkpoint can hold.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx + 1 == trainer.num_training_batches:
+            return
+        # Between two optimizer steps only: gradients accumulated over part of a step
+        # (trainer.accumulate_grad_batches) are in no checkpoint.
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        if trainer.world_size > 1:
+            if trainer.global_step % CHECK_EVERY_N_STEPS:
+                return
+            # A signal may reach one rank only (kill <pid>); all ranks must stop at the same step.
+            stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        else:
+            stop = self.received is not None
+        if stop:
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
+            raise Interrupted(self.received or signal.SIGTERM, trainer.global_step, self.ckpt_path)
+
+
+def check_schedule_length(trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Refuse to go on fitting with another number of steps than the checkpoint's schedule was laid out for.
+
+    A schedule's length is fixed when a run begins, and the checkpoint's schedule replaces the one
+    configure_optimizers built: resumed with more (or fewer) steps, OneCycle would fail once past
+    its end and cosine would turn back up.
+    """
+    schedules = checkpoint.get("lr_schedulers") or [{}]
+    length = schedules[0].get("total_steps", schedules[0].get("T_max"))
+    if length is None or trainer.state.fn != TrainerFn.FITTING:
+        return
+    planned = int(trainer.estimated_stepping_batches)
+    if planned != length:
+        raise ConfigError(
+            f"this run plans {planned} optimizer steps, but its checkpoint's model.scheduler="
+            f"{pl_module.hparams.scheduler} was laid out over {length} steps when the run began: keep the "
+            "trainer.max_epochs/max_steps/limit_train_batches and data.batch_size it started with. A "
+            "OneCycle or cosine schedule cannot be stretched: to train longer, start a new run with more epochs "
+            "(runs with model.scheduler=none can be resumed for longer)."
+        )
+
+
+def expand_resume(args: list[str]) -> list[str]:
+    """Replace `resume=<run folder>` with that run's own overrides, its folder and its last.ckpt.
+
+    The run goes on with the config it was started with (overrides given besides resume= apply on
+    top, e.g. trainer.max_epochs=20), in its folder and TensorBoard run. Its `.hydra/` record is
+    kept as it was; this invocation's goes to `.hydra/resumed_<time>/`.
+    """
+    given = [arg for arg in args if arg.startswith("resume=")]
+    if not given:
+        return args
+    if {"-m", "--multirun"} & set(args):
+        raise ConfigError("resume= continues one run; it cannot be combined with -m/--multirun.")
+    run = Path(given[-1].removeprefix("resume="))
+    overrides, checkpoint = run / ".hydra" / "overrides.yaml", run / "checkpoints" / "last.ckpt"
+    if not overrides.is_file():
+        raise ConfigError(f"resume={run}: not a run folder ({overrides} is missing); give one like outputs/runs/<run>.")
+    if not checkpoint.is_file():
+        raise ConfigError(
+            f"resume={run}: {checkpoint} does not exist (the run stopped before it wrote one); start the run again."
+        )
+    saved = [override for override in OmegaConf.load(overrides) if not override.startswith("ckpt_path=")]
+    return [
+        *saved,
+        *(arg for arg in args if not arg.startswith("resume=")),
+        f"hydra.run.dir={quoted(run)}",
+        f"hydra.output_subdir=.hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}",
+        f"ckpt_path={quoted(checkpoint)}",
+    ]
+
+
+def quoted(path: Path) -> str:
+    """A path as a quoted Hydra override value, whatever characters it holds."""
+    return "'" + str(path).replace("'", "\\'") + "'"
