@@ -2,7 +2,7 @@
 plain line per epoch when output is not a terminal), stopping on a non-finite or exploding loss,
 what TensorBoard shows beyond scalars (test report, histograms), and `EndsRunEarly`, the contract of
 a callback that ends a run on purpose. (The signal stop of exact resume is in mnist_lit/resume.py,
-an Optuna trial's pruning in mnist_lit/search.py.)"""
+an Optuna trial's pruning in mnist_lit/search/pruning.py.)"""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def progress_display(mode: Literal["auto", "bar", "lines", "none"] = "auto") -> 
 
 class EndsRunEarly(Callback):
     """The contract between a run and a callback that ends it early on purpose (an Optuna trial's
-    pruning, mnist_lit/search.py): it sets `reason`, which becomes the run's status in metrics.json
+    pruning, mnist_lit/search/pruning.py): it sets `reason`, which becomes the run's status in metrics.json
     instead of "completed"."""
 
     reason: str | None = None

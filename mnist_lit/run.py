@@ -176,7 +176,7 @@ def fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[st
     """Train one model as `cfg` says, test its best checkpoint on the official test set, and
     write `metrics.json` into the run folder. Returns what it wrote.
 
-    `callbacks` join the configured ones (an Optuna trial's pruning, see mnist_lit/search.py). A
+    `callbacks` join the configured ones (an Optuna trial's pruning, see mnist_lit/search/). A
     callback that ends a run early on purpose is an `EndsRunEarly`: its `reason` becomes the status.
     """
     try:

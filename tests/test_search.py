@@ -1,4 +1,4 @@
-"""Optuna search through Hydra (mnist_lit/search.py), end to end on synthetic data."""
+"""Optuna search through Hydra (mnist_lit/search/), end to end on synthetic data."""
 
 from __future__ import annotations
 
