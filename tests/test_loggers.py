@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,23 @@ def wandb_records(path: Path) -> Iterator[Any]:
             yield record
 
 
+def finished_wandb_records(path: Path, timeout: float = 30.0) -> list[Any]:
+    """The records of a W&B run file once W&B's own process has written all of them (its last record
+    is `exit`): wandb.finish() returns before that process has flushed the file."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(wandb_records(path))
+            if records and records[-1].WhichOneof("record_type") == "exit":
+                return records
+        except DecodeError:  # a chunk still being written
+            pass
+        assert time.monotonic() < deadline, f"{path} was not finished within {timeout} s"
+        time.sleep(0.2)
+
+
 def read_wandb(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """Name, config, final summary and history rows of the one offline W&B run under `run_dir`."""
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
@@ -242,7 +260,7 @@ def read_wandb(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any], list
     def items(updates: Any) -> dict[str, Any]:
         return {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in updates}
 
-    for record in wandb_records(run_file):
+    for record in finished_wandb_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             name = record.run.display_name
