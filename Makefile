@@ -3,6 +3,8 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 ARGS ?=
+# pytest-xdist: one worker per core (at most 4); each test trains with one thread. PARALLEL= runs serially.
+PARALLEL ?= -n auto --maxprocesses=4
 
 .DEFAULT_GOAL := help
 
@@ -23,10 +25,10 @@ train: $(INSTALLED)  ## the default 784-128-64-10 MLP; extra overrides: make tra
 	$(PYTHON) -m mnist_lit.train $(ARGS)
 
 test: $(INSTALLED)  ## everything, the slow real-MNIST tests included (they need MNIST_MIRROR or the network)
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest $(PARALLEL)
 
 test-fast: $(INSTALLED)  ## the tests without the slow real-MNIST ones: no dataset needed
-	$(PYTHON) -m pytest -m "not slow"
+	$(PYTHON) -m pytest $(PARALLEL) -m "not slow"
 
 sweep: $(INSTALLED)  ## 4 jobs: two architectures x two learning rates; side by side: ARGS=hydra/launcher=joblib
 	$(PYTHON) -m mnist_lit.train -m 'model.hidden=[128,64],[256,128]' model.lr=1e-3,3e-3 $(ARGS)
