@@ -28,7 +28,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_lit.errors import ConfigError, SettingError
+from mnist_lit.errors import ConfigError, SettingError, refused
 
 # Arguments of `instantiate` itself, not of the target.
 _HYDRA_KEYS = {"_target_", "_convert_", "_recursive_", "_partial_", "_args_"}
@@ -123,7 +123,7 @@ def check_arguments(node: dict[str, Any], key: str) -> None:
             adapter.validate_python(value)
         except ValidationError:
             hint = _type_hints(target)[name]
-            raise ConfigError(f"{key}.{name}={value!r} is not allowed: expected {_describe(hint)}.") from None
+            raise refused(f"{key}.{name}", value, f"expected {_describe(hint)}") from None
 
 
 def build(node: DictConfig | dict[str, Any], key: str) -> Any:
@@ -149,9 +149,10 @@ def to_plain(node: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
-def arguments(node: DictConfig) -> dict[str, Any]:
+def arguments(node: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """A `_target_` node's arguments as plain values, without `instantiate`'s own keys."""
-    return {key: value for key, value in to_plain(node).items() if key not in _HYDRA_KEYS}
+    plain = to_plain(node) if isinstance(node, DictConfig) else node
+    return {key: value for key, value in plain.items() if key not in _HYDRA_KEYS}
 
 
 @dataclass

@@ -30,11 +30,16 @@ class SettingError(ValueError):
         self.name = name
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{name}={value!r} is not allowed: {allowed}.")
+        super().__init__(str(refused(name, value, allowed)))
 
     def at(self, key: str) -> ConfigError:
         """The same refusal, named by the full config key of the object being built, e.g. `model`."""
-        return ConfigError(f"{key}.{self.name}={self.value!r} is not allowed: {self.allowed}.")
+        return refused(f"{key}.{self.name}", self.value, self.allowed)
+
+
+def refused(key: str, value: object, allowed: str) -> ConfigError:
+    """The one form of a refused config value: `<key>=<value> is not allowed: <what is>.`"""
+    return ConfigError(f"{key}={value!r} is not allowed: {allowed}.")
 
 
 def require_finite(**values: float | None) -> None:

@@ -21,7 +21,7 @@ from mnist_lit.callbacks import EndsRunEarly
 from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable
 from mnist_lit.config import arguments, build, check_arguments, to_plain
 from mnist_lit.data import MNISTDataModule
-from mnist_lit.errors import ConfigError, Interrupted, TrainingDiverged
+from mnist_lit.errors import ConfigError, Interrupted, TrainingDiverged, refused
 from mnist_lit.files import atomic_path
 from mnist_lit.loggers import build_loggers, finish_loggers, log_hyperparameters
 from mnist_lit.module import MONITORABLE, MNISTClassifier
@@ -42,48 +42,51 @@ MANAGED_TRAINER_ARGUMENTS = {
 def trainer_arguments(trainer: DictConfig) -> dict[str, Any]:
     """`lightning.Trainer`'s arguments from `trainer.*`, type-checked, with what Lightning accepts
     but fails on later, mid-run, or what would break a guarantee of this project, refused now."""
-    check_arguments(to_plain(trainer), "trainer")
-    kwargs = arguments(trainer)
+    plain = to_plain(trainer)
+    check_arguments(plain, "trainer")
+    kwargs = arguments(plain)
     for key, instead in MANAGED_TRAINER_ARGUMENTS.items():
         if kwargs[key] is not None:
             raise ConfigError(f"trainer.{key} is set by mnist_lit: {instead}.")
     if kwargs["barebones"]:
-        raise ConfigError(
-            "trainer.barebones=True is not allowed: it turns off logging, which val/acc_best, checkpoint "
-            "selection and metrics.json need. For speed, see `make bench`."
+        raise refused(
+            "trainer.barebones",
+            True,
+            "it turns off logging, which val/acc_best, checkpoint selection and metrics.json need. "
+            "For speed, see `make bench`",
         )
     max_epochs = kwargs["max_epochs"]
     if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
-        raise ConfigError(f"trainer.max_epochs={max_epochs} is not allowed: use a positive number of epochs.")
+        raise refused("trainer.max_epochs", max_epochs, "use a positive number of epochs")
     for key in ("log_every_n_steps", "check_val_every_n_epoch"):
         if kwargs[key] is not None and kwargs[key] <= 0:
-            raise ConfigError(f"trainer.{key}={kwargs[key]} is not allowed: use a positive integer.")
+            raise refused(f"trainer.{key}", kwargs[key], "use a positive integer")
     if kwargs["num_sanity_val_steps"] is not None and kwargs["num_sanity_val_steps"] < -1:
-        raise ConfigError(
-            f"trainer.num_sanity_val_steps={kwargs['num_sanity_val_steps']} is not allowed: "
-            "use -1 (all), 0 (none) or a count."
+        raise refused(
+            "trainer.num_sanity_val_steps", kwargs["num_sanity_val_steps"], "use -1 (all), 0 (none) or a count"
         )
     clip = kwargs["gradient_clip_val"]
     if clip is not None and not (math.isfinite(clip) and clip >= 0):
-        raise ConfigError(f"trainer.gradient_clip_val={clip} is not allowed: use null (no clipping) or a value >= 0.")
+        raise refused("trainer.gradient_clip_val", clip, "use null (no clipping) or a value >= 0")
     asks_for_cuda = kwargs["accelerator"] in ("gpu", "cuda")
     if asks_for_cuda or kwargs["sync_batchnorm"]:
         has_cuda = torch.cuda.is_available()
         if asks_for_cuda and not has_cuda:
-            raise ConfigError(
-                f"trainer.accelerator={kwargs['accelerator']!r} is not allowed: no CUDA GPU is visible on this "
-                "machine; use trainer=cpu or trainer.accelerator=auto."
+            raise refused(
+                "trainer.accelerator",
+                kwargs["accelerator"],
+                "no CUDA GPU is visible on this machine; use trainer=cpu or trainer.accelerator=auto",
             )
         # Lightning accepts it, and torch's SyncBatchNorm then fails at the first training step.
         if kwargs["sync_batchnorm"] and not (has_cuda and kwargs["accelerator"] in ("gpu", "cuda", "auto")):
-            raise ConfigError(
-                "trainer.sync_batchnorm=True is not allowed: torch syncs batch norm across CUDA GPUs only; "
-                "use false here."
+            raise refused(
+                "trainer.sync_batchnorm", True, "torch syncs batch norm across CUDA GPUs only; use false here"
             )
     if kwargs["accelerator"] == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(
-            "trainer.accelerator='mps' is not allowed: Apple's Metal (MPS) is not available on this machine; "
-            "use trainer=cpu or trainer.accelerator=auto."
+        raise refused(
+            "trainer.accelerator",
+            "mps",
+            "Apple's Metal (MPS) is not available on this machine; use trainer=cpu or trainer.accelerator=auto",
         )
     return kwargs
 
@@ -103,9 +106,8 @@ def build_callbacks(callbacks: DictConfig, has_logger: bool) -> list[Callback]:
             and monitor is not None
             and monitor not in MONITORABLE
         ):
-            raise ConfigError(
-                f"callbacks.{name}.monitor={monitor!r} is not allowed: use a metric logged every epoch: "
-                f"{sorted(MONITORABLE)}."
+            raise refused(
+                f"callbacks.{name}.monitor", monitor, f"use a metric logged every epoch: {sorted(MONITORABLE)}"
             )
         # Lightning refuses a learning-rate monitor with nothing to log to.
         if isinstance(callback, LearningRateMonitor) and not has_logger:
@@ -157,7 +159,7 @@ def build_run(
     """The data, the model and the Trainer of a run as `cfg` says, with this process's threads and
     seed. Every refusal of a setting comes from here, before any data is read."""
     if cfg.threads is not None and cfg.threads <= 0:
-        raise ConfigError(f"threads={cfg.threads} is not allowed: use a positive number of CPU threads, or null.")
+        raise refused("threads", cfg.threads, "use a positive number of CPU threads, or null")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
