@@ -16,7 +16,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig
 
-from mnist_lit.config import build, to_plain
+from mnist_lit.config import arguments, build, to_plain
 from mnist_lit.errors import ConfigError
 
 # Declared to TensorBoard's HPARAMS tab; their values come from the scalars logged during the run.
@@ -87,11 +87,11 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     """The run's settings as flat `group.key` values, for every logger's hyperparameters."""
     params: dict[str, Any] = {"seed": cfg.seed}
     for group in ("model", "data", "trainer"):
-        for key, value in to_plain(cfg[group]).items():
-            if key.startswith("_") or value is None:
+        for key, value in arguments(cfg[group]).items():
+            if value is None:
                 continue
             if isinstance(value, dict):
-                params.update({f"{group}.{key}.{inner}": item for inner, item in value.items() if inner != "_target_"})
+                params.update({f"{group}.{key}.{inner}": item for inner, item in arguments(value).items()})
             else:
                 params[f"{group}.{key}"] = str(value) if isinstance(value, list) else value
     # Checksums identify the files; they are no hyperparameters.
