@@ -165,13 +165,14 @@ def time_classic(cfg: DictConfig, device: torch.device) -> Timing:
     return timer.timing
 
 
-def configured_mlp(cfg: DictConfig) -> MLP:
-    """The MLP `cfg.model` asks for, compiled in place when `cfg.compile` is set, as training builds it."""
+def configured_mlp(cfg: DictConfig, device: torch.device | None = None) -> MLP:
+    """The MLP `cfg.model` asks for on `device`, compiled in place when `cfg.compile` is set, as
+    training builds it (on the device first: CUDA graphs capture where the weights are)."""
     from mnist_lit.config import build
 
-    net = build(cfg.model, "model").net
+    net = build(cfg.model, "model").net.to(device)
     if cfg.compile:
-        net.compile()
+        net.compile(mode=cfg.compile_mode)
     return net
 
 
@@ -198,7 +199,7 @@ def time_plain(cfg: DictConfig, images: Tensor, labels: Tensor, steps: int) -> T
     import torch.nn.functional as F
 
     torch.manual_seed(cfg.seed)
-    net = configured_mlp(cfg).to(images.device)
+    net = configured_mlp(cfg, images.device)
     optimizer, scheduler = configured_optimizer(cfg, net.parameters(), steps)
     autocast = torch.autocast(images.device.type, torch.bfloat16, enabled=cfg.trainer.precision == "bf16-mixed")
     batch_size = cfg.data.batch_size

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassPrecision, MulticlassRecall
 
+from mnist_lit.data import TrainingChunk
 from mnist_lit.errors import SettingError, TrainingDiverged
 
 if TYPE_CHECKING:
@@ -109,30 +110,36 @@ class StopOnDivergence(Callback):
             raise SettingError("max_loss", max_loss, "use null (NaN/inf only) or a loss > 0, e.g. 1000")
         self.max_loss = math.inf if max_loss is None else max_loss
         self.pending: list[Tensor] = []  # losses not yet checked, all from the current epoch
+        self.pending_first = 0  # the epoch's index of the batch of the first pending loss
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        if loss.device.type == "cpu" and trainer.world_size == 1:  # reading it costs 0.2 us here
-            value = loss.item()
-            if not value <= self.max_loss:  # NaN fails it too
-                raise TrainingDiverged(self.message(trainer, value, batch_idx, 0))
+        losses = (outputs["loss"] if isinstance(outputs, Mapping) else outputs).reshape(-1)  # one per batch
+        first = batch.first if isinstance(batch, TrainingChunk) else batch_idx
+        if losses.device.type == "cpu" and trainer.world_size == 1:  # reading them costs about 1 us here
+            good = losses <= self.max_loss  # False for NaN too
+            if not good.all():
+                bad = int((~good).nonzero()[0])
+                steps_ago = len(losses) - 1 - bad
+                raise TrainingDiverged(self.message(trainer, losses[bad].item(), first + bad, steps_ago))
             return
-        self.pending.append(loss.detach())
+        if not self.pending:
+            self.pending_first = first
+        self.pending.append(losses.detach())
         last_of_epoch = batch_idx + 1 == trainer.num_training_batches
-        if not last_of_epoch and len(self.pending) < CHECK_EVERY_N_STEPS:
+        if not last_of_epoch and sum(len(pending) for pending in self.pending) < CHECK_EVERY_N_STEPS:
             return
-        losses, self.pending = torch.stack(self.pending), []
+        losses, self.pending = torch.cat(self.pending), []
         good = losses <= self.max_loss  # False for NaN too
         # Every rank stops together: a rank left waiting in a collective would hang.
         if trainer.strategy.reduce_boolean_decision(bool(good.all()), all=True):
             return
         bad = int((~good).nonzero()[0]) if not good.all() else len(losses) - 1  # else: on another rank
         steps_ago = len(losses) - 1 - bad
-        raise TrainingDiverged(self.message(trainer, losses[bad].item(), batch_idx - steps_ago, steps_ago))
+        raise TrainingDiverged(self.message(trainer, losses[bad].item(), self.pending_first + bad, steps_ago))
 
-    def message(self, trainer: L.Trainer, loss: float, batch_idx: int, steps_ago: int) -> str:
+    def message(self, trainer: L.Trainer, loss: float, batch_index: int, steps_ago: int) -> str:
         what = (
             f"became {loss}"
             if not math.isfinite(loss)
@@ -147,10 +154,37 @@ class StopOnDivergence(Callback):
         )
         return (
             f"the training loss {what} at step {trainer.global_step - steps_ago} (epoch {trainer.current_epoch + 1}, "
-            f"batch {batch_idx + 1} of {trainer.num_training_batches}); training stopped. Likely causes: a learning "
-            f"rate too high for this model and optimizer (it is now {lr:.3g}; lower model.lr, e.g. model.lr=1e-3), "
-            f"or exploding gradients (try trainer.gradient_clip_val=1.0). {kept}"
+            f"batch {batch_index + 1} of {trainer.train_dataloader.num_batches}); training stopped. Likely causes: "
+            f"a learning rate too high for this model and optimizer (it is now {lr:.3g}; lower model.lr, e.g. "
+            f"model.lr=1e-3), or exploding gradients (try trainer.gradient_clip_val=1.0). {kept}"
         )
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's learning-rate monitor, logging the rate of every `trainer.log_every_n_steps`-th
+    optimizer step also when one training step takes several (data.batches_per_call).
+
+    Lightning's looks at the rate before each training step, and would see only every
+    batches_per_call-th one; here the training step hands over the rate of each of its steps.
+    """
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self.logging_interval == "epoch":
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.logging_interval == "epoch" or not isinstance(outputs, Mapping) or "lr" not in outputs:
+            return
+        rates = outputs["lr"].tolist()
+        (name,) = self.lrs  # one optimizer, one parameter group
+        first_step = trainer.global_step - len(rates)
+        for step, rate in enumerate(rates, start=first_step):
+            if (step + 1) % trainer.log_every_n_steps == 0:
+                self.lrs[name].append(rate)
+                for logger in trainer.loggers:
+                    logger.log_metrics({name: rate}, step=step)
 
 
 def tensorboard_writer(trainer: L.Trainer) -> SummaryWriter | None:
@@ -277,23 +311,13 @@ def misclassified_figure(pixels: Tensor, labels: Tensor, predicted: Tensor, conf
 
 
 class ParameterHistograms(Callback):
-    """Histograms of every weight and of its gradient in TensorBoard, once per training epoch:
-    at its last step, before the optimizer's update (Lightning clears the gradients afterwards).
+    """Histograms of every weight and of its gradient in TensorBoard, at the end of every training
+    epoch: the weights after its last optimizer step, the gradients of that step.
     Off by default: each costs a pass over all parameters."""
 
-    def __init__(self) -> None:
-        self.last_batch = False
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self.last_batch = batch_idx + 1 == trainer.num_training_batches
-
-    def on_before_optimizer_step(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         writer = tensorboard_writer(trainer)
-        if not self.last_batch or writer is None:
+        if writer is None:
             return
         for name, parameter in pl_module.named_parameters():
             writer.add_histogram(f"weights/{name}", parameter, trainer.global_step)

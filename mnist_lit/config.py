@@ -185,6 +185,8 @@ class TrainConfig:
     # torch.compile the MLP, in place (checkpoints load without it). For GPUs: on a CPU it costs a
     # minute of compiling and makes steps slower.
     compile: bool = False
+    # torch.compile's mode: "reduce-overhead" replays each step as CUDA graphs (GPU only).
+    compile_mode: str = "default"
 
 
 @dataclass
@@ -226,7 +228,7 @@ def register() -> None:
     """Make the schemas and the `${run_tag:}` resolver known to Hydra (idempotent)."""
     from hydra_zen import kwargs_of
     from lightning import Trainer
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
     from mnist_lit import callbacks
@@ -254,7 +256,7 @@ def register() -> None:
     for name, target in {
         "model_checkpoint": ModelCheckpoint,
         "early_stopping": EarlyStopping,
-        "lr_monitor": LearningRateMonitor,
+        "lr_monitor": callbacks.StepLearningRateMonitor,
         "stop_on_divergence": callbacks.StopOnDivergence,
         "test_report": callbacks.ClassificationReport,
         "histograms": callbacks.ParameterHistograms,
@@ -268,6 +270,11 @@ def register() -> None:
     # A run folder named relative to the outputs root (runs/<time>_<tag>), e.g. as a logger's run name.
     if not OmegaConf.has_resolver("relpath"):
         OmegaConf.register_new_resolver("relpath", os.path.relpath)
+    # trainer.precision: ${bf16_where_native:${trainer.accelerator}} (mnist_lit/speed.py).
+    if not OmegaConf.has_resolver("bf16_where_native"):
+        from mnist_lit.speed import bf16_where_native
+
+        OmegaConf.register_new_resolver("bf16_where_native", bf16_where_native)
 
 
 def require(cfg: DictConfig, key: str, example: str) -> None:

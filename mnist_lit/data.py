@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import math
 import os
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import lightning as L
 import torch
@@ -178,11 +179,21 @@ class EpochShuffle:
         return order[self.rank : len(self) * self.world_size : self.world_size]
 
 
+class TrainingChunk(NamedTuple):
+    """What one Lightning training step receives: consecutive batches of the epoch, one optimizer
+    step each (see `MNISTClassifier.training_step`), and the index of the first in its epoch."""
+
+    first: int
+    batches: list[tuple[Tensor, Tensor]]
+
+
 class TensorBatches:
     """An iterable of (images, labels) batches sliced from tensors already in memory.
 
     Replaces DataLoader + Dataset: no per-sample Python, no worker processes, no collation.
-    When the tensors live on a GPU, the batches are drawn there too.
+    When the tensors live on a GPU, the batches are drawn there too. With `batches_per_call`, it
+    hands out `TrainingChunk`s of that many batches instead (the last of an epoch may be shorter).
+    `limit` caps an epoch's batches: a number of them, or a fraction as in trainer.limit_train_batches.
 
     Resumable mid-epoch: `state_dict()` is the epoch of the pass in progress and how many batches
     it has handed out; after `load_state_dict`, the next pass over that epoch skips them.
@@ -191,16 +202,34 @@ class TensorBatches:
 
     batch_sampler = None  # read by Lightning's DataLoader checks; `sampler` does the work
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, sampler: EpochShuffle) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        sampler: EpochShuffle,
+        batches_per_call: int | None = None,
+        limit: int | float | None = None,
+    ) -> None:
         self.images = images
         self.labels = labels
         self.batch_size = batch_size
         self.sampler = sampler
+        self.batches_per_call = batches_per_call
+        self.limit = limit
         self.position = {"epoch": 0, "batches": 0}
         self.resume_at: dict[str, int] | None = None
 
+    @property
+    def num_batches(self) -> int:
+        """Batches in one epoch, however many each call hands out."""
+        batches = math.ceil(len(self.sampler) / self.batch_size)
+        if isinstance(self.limit, int):
+            return min(batches, self.limit)
+        return batches if self.limit is None else int(batches * self.limit)  # Lightning's rounding
+
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
+        return math.ceil(self.num_batches / (self.batches_per_call or 1))
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.position)
@@ -208,7 +237,15 @@ class TensorBatches:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_at = dict(state)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | TrainingChunk]:
+        batches = self._batches()
+        if self.batches_per_call is None:
+            yield from batches
+            return
+        while chunk := list(itertools.islice(batches, self.batches_per_call)):
+            yield TrainingChunk(self.position["batches"] - len(chunk), chunk)
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         # Runs at the first batch, after Lightning has set the epoch, not when iter() is called.
         epoch, skip = self.sampler.epoch, 0
         if self.resume_at is not None and self.resume_at["epoch"] == epoch:
@@ -219,6 +256,7 @@ class TensorBatches:
         if order is not None:
             order = order.to(self.images.device)
         num_rows = self.images.shape[0] if order is None else order.numel()
+        num_rows = min(num_rows, self.num_batches * self.batch_size)
         for start in range(skip * self.batch_size, num_rows, self.batch_size):
             self.position["batches"] += 1
             if order is None:
@@ -244,6 +282,7 @@ class MNISTDataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
         batch_size: int = 64,
         eval_batch_size: int = 1000,
+        batches_per_call: int = 8,
         mean: float = MNIST_MEAN,
         std: float = MNIST_STD,
     ) -> None:
@@ -256,11 +295,18 @@ class MNISTDataModule(L.LightningDataModule):
             split_seed: seed of the train/validation split, apart from the run's seed.
             shuffle_seed: seed of the training order (a fresh permutation per epoch).
             batch_size, eval_batch_size: of training; of validation and test.
+            batches_per_call: training batches per call of the LightningModule's training_step, one
+                optimizer step each. Training is the same for every value, to the last bit; more than
+                one spares Lightning's per-call work for all but one of them (Keras' steps_per_execution).
             mean, std: of the training pixels in [0, 1], to normalize with.
         """
         super().__init__()
         require_finite(mean=mean, std=std)
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+            ("batches_per_call", batches_per_call),
+        ):
             if value <= 0:
                 raise SettingError(name, value, "use a positive integer, e.g. 64")
         if val_size <= 0:
@@ -282,9 +328,13 @@ class MNISTDataModule(L.LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
+        self.batches_per_call = batches_per_call
         self.mean = mean
         self.std = std
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        # trainer.limit_train_batches, handed here by the run: Lightning would count training_step
+        # calls, each of which takes `batches_per_call` batches.
+        self.train_batch_limit: int | float | None = None
 
     def prepare_data(self) -> None:
         ensure_mnist(self.raw_dir, self.mirror, self.sha256)
@@ -325,10 +375,20 @@ class MNISTDataModule(L.LightningDataModule):
         return TensorBatches(images, labels, batch_size, sampler)
 
     def train_dataloader(self) -> TensorBatches:
+        batches = self._batches("train", self.batch_size, shuffle=True)
+        batches.batches_per_call = self.batches_per_call
         # trainer.overfit_batches trains on the same first batches every epoch. Lightning fixes the
         # order of a DataLoader itself, but not of batches like these.
-        overfitting = self.trainer is not None and self.trainer.overfit_batches > 0
-        return self._batches("train", self.batch_size, shuffle=not overfitting)
+        overfit = self.trainer.overfit_batches if self.trainer is not None else 0
+        batches.sampler.shuffle = not overfit
+        batches.limit = overfit or self.train_batch_limit
+        if batches.num_batches == 0 and batches.limit:
+            limit_key = "overfit_batches" if overfit else "limit_train_batches"
+            raise DataError(
+                f"trainer.{limit_key}={batches.limit} leaves none of the "
+                f"{math.ceil(len(batches.sampler) / self.batch_size)} training batches; ask for more."
+            )
+        return batches
 
     def val_dataloader(self) -> TensorBatches:
         return self._batches("val", self.eval_batch_size, shuffle=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, get_args
 
 import lightning as L
@@ -14,10 +15,16 @@ from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
 from mnist_lit.augment import BatchAugment
+from mnist_lit.data import TrainingChunk
 from mnist_lit.errors import SettingError, require_finite
 from mnist_lit.mnist import IMAGE_SIZE, NUM_CLASSES
 from mnist_lit.model import MLP, Activation
-from mnist_lit.speed import DeferredMetricInputs, PlainHookName
+from mnist_lit.speed import (
+    DeferredMetricInputs,
+    PlainHookName,
+    count_logging_steps_in_optimizer_steps,
+    optimizer_step_functions,
+)
 
 OptimizerName = Literal["adam", "adamw", "sgd"]
 SchedulerName = Literal["none", "onecycle", "cosine"]  # each stepped every batch
@@ -40,6 +47,36 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
         },
         prefix=prefix,
     )
+
+
+@dataclass
+class StepSettings:
+    """The Trainer's settings of each optimizer step (`trainer.gradient_clip_val`,
+    `gradient_clip_algorithm`, `accumulate_grad_batches`). Lightning applies them only when it takes
+    the steps itself; this module takes its own (several per call, see `training_step`), so the run
+    hands them here (mnist_lit/run.py)."""
+
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str | None = None
+    accumulate_grad_batches: int = 1
+
+
+def planned_optimizer_steps(trainer: L.Trainer) -> int:
+    """The optimizer steps the fit will take: one per training batch (or per accumulated group).
+
+    Lightning's `estimated_stepping_batches` counts training_step calls, each of which takes up to
+    data.batches_per_call steps here; reading it also builds the training batches, whose count we need.
+    """
+    trainer.estimated_stepping_batches  # noqa: B018 (builds trainer.train_dataloader and num_training_batches)
+    calls_per_epoch = int(trainer.num_training_batches)
+    loader = trainer.train_dataloader
+    batches_per_call = getattr(loader, "batches_per_call", None) or 1
+    batches_per_epoch = min(calls_per_epoch * batches_per_call, getattr(loader, "num_batches", calls_per_epoch))
+    accumulate = trainer.lightning_module.step_settings.accumulate_grad_batches
+    steps = math.ceil(batches_per_epoch / accumulate) * max(trainer.max_epochs or 0, 0)
+    if trainer.max_steps >= 0:
+        steps = trainer.max_steps if trainer.max_epochs == -1 else min(steps, trainer.max_steps)
+    return steps
 
 
 def make_optimizer(
@@ -149,6 +186,11 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
             metric.persistent(True)
         # The training metrics are updated once per epoch (mnist_lit/speed.py).
         self.train_inputs = DeferredMetricInputs()
+        # training_step takes several optimizer steps per call (data.batches_per_call), as
+        # Lightning's automatic optimization would take them one per call.
+        self.automatic_optimization = False
+        self.step_settings = StepSettings()
+        self.gradients_pending = False  # accumulated over part of an optimizer step's batches
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
@@ -161,14 +203,46 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=labels.shape[0], sync_dist=True)
         return loss
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
-        logits = self.net(self.augment(images))
-        # Smoothing only the training targets keeps val/ and test/loss the plain cross-entropy, so
-        # they compare across runs with and without it.
-        losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.hparams.label_smoothing)
-        self.train_inputs.add(logits.argmax(dim=1), labels, losses)
-        return losses.mean()
+    def training_step(self, chunk: TrainingChunk, batch_idx: int) -> dict[str, Tensor]:
+        """One optimizer step per batch of `chunk`: what Lightning's automatic optimization does
+        with one call per batch (zero_grad, backward, clipping, step, schedule), in the same order,
+        so the weights are the same to the last bit, while Lightning's own work per call (hooks,
+        progress, logging) is done once per chunk. Returns each batch's loss and learning rate."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        backward, step = self.step_functions
+        settings = self.step_settings
+        accumulate = settings.accumulate_grad_batches
+        ends_epoch = batch_idx + 1 == self.trainer.num_training_batches
+        losses, learning_rates = [], []
+        for index, (images, labels) in enumerate(chunk.batches, start=chunk.first):
+            if 0 <= self.trainer.max_steps <= self.trainer.global_step:
+                break  # the chunk reaches past trainer.max_steps
+            logits = self.net(self.augment(images))
+            # Smoothing only the training targets keeps val/ and test/loss the plain cross-entropy,
+            # so they compare across runs with and without it.
+            per_image = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.hparams.label_smoothing)
+            self.train_inputs.add(logits.argmax(dim=1), labels, per_image)
+            loss = per_image.mean()
+            losses.append(loss.detach())
+            if index % accumulate == 0:
+                optimizer.zero_grad()
+                learning_rates.append(optimizer.param_groups[0]["lr"])
+            backward(loss / accumulate if accumulate > 1 else loss)
+            ends_group = (index + 1) % accumulate == 0 or (ends_epoch and index + 1 == chunk.first + len(chunk.batches))
+            self.gradients_pending = not ends_group
+            if self.gradients_pending:
+                continue
+            if settings.gradient_clip_val:
+                self.clip_gradients(optimizer, settings.gradient_clip_val, settings.gradient_clip_algorithm)
+            step()
+            if scheduler is not None:
+                scheduler.step()
+            if self.hparams.max_norm is not None:
+                self._bound_hidden_weight_norms(self.hparams.max_norm)
+        return {"loss": torch.stack(losses), "lr": torch.tensor(learning_rates)}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        count_logging_steps_in_optimizer_steps(self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[PENDING_TRAIN_INPUTS] = self.train_inputs.state_dict()
@@ -193,6 +267,8 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
         return values
 
     def on_train_start(self) -> None:
+        # Lightning's backward and step, or direct calls where they come to the same (mnist_lit/speed.py).
+        self.step_functions = optimizer_step_functions(self, self.optimizers())
         # Drop whatever the sanity check put into the validation metrics (it never updates
         # val_acc_best, which a resumed run must keep).
         self.val_metrics.reset()
@@ -220,11 +296,6 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch(self.test_metrics)
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.hparams.max_norm is not None:
-            self._bound_hidden_weight_norms(self.hparams.max_norm)
-
     @torch.no_grad()
     def _bound_hidden_weight_norms(self, max_norm: float) -> None:
         """Scale back every hidden unit whose incoming weight vector has grown longer than
@@ -237,7 +308,7 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         # Only a schedule needs the number of steps, which only the Trainer knows.
-        total_steps = int(self.trainer.estimated_stepping_batches) if hp.scheduler != "none" else 0
+        total_steps = planned_optimizer_steps(self.trainer) if hp.scheduler != "none" else 0
         optimizer, scheduler = make_optimizer(
             self.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.scheduler, total_steps
         )

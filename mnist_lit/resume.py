@@ -52,6 +52,7 @@ class GracefulStop(Callback):
         self.received: int | None = None
         self.previous_handlers: dict[int, Any] = {}
         self.resume_state: dict[str, Any] | None = None
+        self.checked_at_step = 0  # under DDP: the optimizer step of the last check for a signal
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # No printing here: the signal may arrive in the middle of a write to the same stream.
@@ -105,11 +106,13 @@ class GracefulStop(Callback):
             return
         # Between two optimizer steps only: gradients accumulated over part of a step
         # (trainer.accumulate_grad_batches) are in no checkpoint.
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if getattr(pl_module, "gradients_pending", False):
             return
         if trainer.world_size > 1:
-            if trainer.global_step % CHECK_EVERY_N_STEPS:
+            # Every rank sees the same steps, so all take part in the same checks.
+            if trainer.global_step - self.checked_at_step < CHECK_EVERY_N_STEPS:
                 return
+            self.checked_at_step = trainer.global_step
             # A signal may reach one rank only (kill <pid>); all ranks must stop at the same step.
             stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
         else:

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mnist_lit.callbacks import EndsRunEarly
 from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable
@@ -24,10 +24,13 @@ from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import ConfigError, Interrupted, TrainingDiverged, refused
 from mnist_lit.files import atomic_path
 from mnist_lit.loggers import build_loggers, finish_loggers, log_hyperparameters
-from mnist_lit.module import MONITORABLE, MNISTClassifier
+from mnist_lit.module import MONITORABLE, MNISTClassifier, StepSettings
 from mnist_lit.resume import GracefulStop
+from mnist_lit.speed import native_bf16
 
 log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 # trainer.* arguments the run sets itself, and where a user sets each instead.
@@ -91,7 +94,7 @@ def trainer_arguments(trainer: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
-def build_callbacks(callbacks: DictConfig, has_logger: bool) -> list[Callback]:
+def build_callbacks(callbacks: DictConfig, has_logger: bool, batches_per_call: int = 1) -> list[Callback]:
     """The callbacks of `callbacks.*`, by name; those that watch a metric must watch one the model logs."""
     built: list[Callback] = []
     for name, node in callbacks.items():
@@ -109,6 +112,14 @@ def build_callbacks(callbacks: DictConfig, has_logger: bool) -> list[Callback]:
             raise refused(
                 f"callbacks.{name}.monitor", monitor, f"use a metric logged every epoch: {sorted(MONITORABLE)}"
             )
+        # It saves when the step count is a multiple, which steps of several at a time may jump over.
+        if isinstance(callback, ModelCheckpoint) and callback._every_n_train_steps and batches_per_call > 1:
+            raise refused(
+                f"callbacks.{name}.every_n_train_steps",
+                callback._every_n_train_steps,
+                f"each training step takes data.batches_per_call={batches_per_call} optimizer steps and may jump "
+                "over it: use every_n_epochs or train_time_interval, or data.batches_per_call=1",
+            )
         # Lightning refuses a learning-rate monitor with nothing to log to.
         if isinstance(callback, LearningRateMonitor) and not has_logger:
             continue
@@ -116,13 +127,53 @@ def build_callbacks(callbacks: DictConfig, has_logger: bool) -> list[Callback]:
     return built
 
 
-def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
-    """The Trainer of a run, with its loggers and callbacks, and the signal stop of mnist_lit/resume.py."""
-    kwargs = trainer_arguments(cfg.trainer)
+def take_step_settings(kwargs: dict[str, Any], batches_per_call: int) -> StepSettings:
+    """Move the optimizer-step settings out of the Trainer's arguments (the module applies them,
+    see `StepSettings`), and express in calls of training_step the counts Lightning takes as such."""
+    settings = StepSettings(
+        gradient_clip_val=kwargs.pop("gradient_clip_val"),
+        gradient_clip_algorithm=kwargs.pop("gradient_clip_algorithm"),
+        accumulate_grad_batches=kwargs.pop("accumulate_grad_batches") or 1,
+    )
+    if settings.accumulate_grad_batches < 1:
+        raise refused("trainer.accumulate_grad_batches", settings.accumulate_grad_batches, "use a positive integer")
+    interval = kwargs["val_check_interval"]
+    if isinstance(interval, int) and batches_per_call > 1:
+        if interval % batches_per_call:
+            raise refused(
+                "trainer.val_check_interval",
+                interval,
+                f"it counts training batches, and each training step takes data.batches_per_call={batches_per_call}: "
+                "use a multiple of it, a fraction of the epoch such as 0.5, or data.batches_per_call=1",
+            )
+        kwargs["val_check_interval"] = interval // batches_per_call
+    if isinstance(kwargs["overfit_batches"], float) and 0 < kwargs["overfit_batches"] < 1 and batches_per_call > 1:
+        raise refused(
+            "trainer.overfit_batches",
+            kwargs["overfit_batches"],
+            f"with data.batches_per_call={batches_per_call}, give a number of batches, e.g. 3",
+        )
+    return settings
+
+
+def take_train_batch_limit(kwargs: dict[str, Any]) -> int | float | None:
+    """Move trainer.limit_train_batches out of the Trainer's arguments: the data applies it to
+    batches (mnist_lit/data.py), where Lightning would apply it to calls of training_step."""
+    limit = kwargs.pop("limit_train_batches")
+    if limit is not None and not (
+        (isinstance(limit, int) and limit >= 0) or (isinstance(limit, float) and 0.0 <= limit <= 1.0)
+    ):
+        raise refused("trainer.limit_train_batches", limit, "use a number of batches >= 0 or a fraction in [0.0, 1.0]")
+    return limit
+
+
+def build_trainer(cfg: DictConfig, kwargs: dict[str, Any], extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
+    """The Trainer of a run from its `trainer_arguments`, with its loggers and callbacks, and the
+    signal stop of mnist_lit/resume.py."""
     output_dir = Path(cfg.paths.output_dir)
     loggers = list(build_loggers(cfg.logger).values())
     callbacks = [
-        *build_callbacks(cfg.callbacks, has_logger=bool(loggers)),
+        *build_callbacks(cfg.callbacks, has_logger=bool(loggers), batches_per_call=cfg.data.batches_per_call),
         # Not a config entry: exact resume (resume=) depends on it.
         GracefulStop(ckpt_path=output_dir / "checkpoints" / "last.ckpt"),
         *extra_callbacks,
@@ -153,24 +204,36 @@ def final_metrics(trainer: L.Trainer) -> dict[str, float]:
     return {key: value.item() for key, value in trainer.callback_metrics.items() if value.numel() == 1}
 
 
+def say_why_precision(trainer: DictConfig) -> None:
+    """Log the precision `${bf16_where_native:...}` chose for this machine (a preset's), and why."""
+    if "bf16_where_native" in str(OmegaConf.to_container(trainer, resolve=False).get("precision")):
+        log.info(f"trainer.precision={trainer.precision}: {native_bf16(trainer.accelerator)[1]}")
+
+
 def build_run(
     cfg: DictConfig, callbacks: Sequence[Callback] = ()
 ) -> tuple[MNISTDataModule, MNISTClassifier, L.Trainer]:
     """The data, the model and the Trainer of a run as `cfg` says, with this process's threads and
     seed. Every refusal of a setting comes from here, before any data is read."""
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise refused("compile_mode", cfg.compile_mode, f"use one of {', '.join(COMPILE_MODES)}")
     if cfg.threads is not None and cfg.threads <= 0:
         raise refused("threads", cfg.threads, "use a positive number of CPU threads, or null")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    say_why_precision(cfg.trainer)
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
+    kwargs = trainer_arguments(cfg.trainer)
+    model.step_settings = take_step_settings(kwargs, datamodule.batches_per_call)
+    datamodule.train_batch_limit = take_train_batch_limit(kwargs)
     if cfg.ckpt_path:
         check_resumable(cfg.ckpt_path, model.hparams)
-    trainer = build_trainer(cfg, callbacks)
+    trainer = build_trainer(cfg, kwargs, callbacks)
     if cfg.compile:
         # In place: the parameters keep their names, so checkpoints load without torch.compile.
-        model.net.compile()
+        model.net.compile(mode=cfg.compile_mode)
     return datamodule, model, trainer
 
 

@@ -72,11 +72,13 @@ def test_normalization_uses_the_given_mean_and_std(synthetic_mnist: SyntheticMNI
 
 def test_training_batches_are_shuffled_per_epoch_and_reproducible(datamodule: MNISTDataModule) -> None:
     loader = datamodule.train_dataloader()
-    assert len(loader) == 16  # ceil(500 / 32)
+    assert loader.num_batches == 16  # ceil(500 / 32)
+    assert len(loader) == 2  # data.batches_per_call=8 to each call of training_step
+    assert [chunk.first for chunk in loader] == [0, 8]
 
     def first_labels(epoch: int) -> list[int]:
         loader.sampler.set_epoch(epoch)
-        return [label for _, labels in loader for label in labels.tolist()]
+        return [label for chunk in loader for _, labels in chunk.batches for label in labels.tolist()]
 
     epoch0, epoch1 = first_labels(0), first_labels(1)
     assert sorted(epoch0) == sorted(datamodule.splits["train"][1].tolist())
