@@ -335,6 +335,7 @@ class MNISTDataModule(L.LightningDataModule):
         # trainer.limit_train_batches, handed here by the run: Lightning would count training_step
         # calls, each of which takes `batches_per_call` batches.
         self.train_batch_limit: int | float | None = None
+        self.requested_val_check_interval: int | float | None = None  # trainer.val_check_interval as given
 
     def prepare_data(self) -> None:
         ensure_mnist(self.raw_dir, self.mirror, self.sha256)
@@ -376,7 +377,6 @@ class MNISTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> TensorBatches:
         batches = self._batches("train", self.batch_size, shuffle=True)
-        batches.batches_per_call = self.batches_per_call
         # trainer.overfit_batches trains on the same first batches every epoch. Lightning fixes the
         # order of a DataLoader itself, but not of batches like these.
         overfit = self.trainer.overfit_batches if self.trainer is not None else 0
@@ -388,7 +388,38 @@ class MNISTDataModule(L.LightningDataModule):
                 f"trainer.{limit_key}={batches.limit} leaves none of the "
                 f"{math.ceil(len(batches.sampler) / self.batch_size)} training batches; ask for more."
             )
+        batches.batches_per_call = self._batches_per_call(batches.num_batches)
         return batches
+
+    def _batches_per_call(self, num_batches: int) -> int:
+        """`batches_per_call`, or where validation runs within epochs (trainer.val_check_interval),
+        its largest divisor that puts every validation where one batch per call would.
+
+        Lightning counts calls of training_step and validates after every n-th; with c batches per
+        call, that is after every c*n-th batch only when c divides both the batches between two
+        validations and the batches of an epoch. The Trainer is then told the interval in calls.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return self.batches_per_call
+        if self.requested_val_check_interval is None:
+            self.requested_val_check_interval = trainer.val_check_interval
+        interval = self.requested_val_check_interval
+        if isinstance(interval, float) and interval == 1.0:
+            return self.batches_per_call
+        if isinstance(interval, str) or not isinstance(interval, (int, float)):  # a time: not batch-based
+            return self.batches_per_call
+        every = interval if isinstance(interval, int) else max(1, int(num_batches * interval))
+        common = math.gcd(every, num_batches) if trainer.check_val_every_n_epoch is not None else every
+        per_call = max(size for size in range(1, self.batches_per_call + 1) if common % size == 0)
+        calls, calls_between = math.ceil(num_batches / per_call), every // per_call
+        if trainer.check_val_every_n_epoch is None or calls_between >= calls:
+            trainer.val_check_interval = calls_between
+        else:
+            # A fraction, which Lightning rounds down to calls_between; not the integer 1, which
+            # ModelCheckpoint would take for 1.0 (once an epoch) and save only at epochs' ends.
+            trainer.val_check_interval = (calls_between + 0.5) / calls
+        return per_call
 
     def val_dataloader(self) -> TensorBatches:
         return self._batches("val", self.eval_batch_size, shuffle=False)

@@ -233,7 +233,7 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
             if self.gradients_pending:
                 continue
             if settings.gradient_clip_val:
-                self.clip_gradients(optimizer, settings.gradient_clip_val, settings.gradient_clip_algorithm)
+                self._clip_gradients(settings.gradient_clip_val, settings.gradient_clip_algorithm or "norm")
             step()
             if scheduler is not None:
                 scheduler.step()
@@ -295,6 +295,17 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch(self.test_metrics)
+
+    def _clip_gradients(self, value: float, algorithm: str) -> None:
+        """trainer.gradient_clip_val/_algorithm, as Lightning clips in float32 and bf16 (where no loss
+        scaler has to unscale the gradients first; its clip_gradients refuses fused optimizers there)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(self.optimizers().optimizer)
+        if algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), value)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), value)
 
     @torch.no_grad()
     def _bound_hidden_weight_norms(self, max_norm: float) -> None:

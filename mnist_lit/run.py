@@ -135,18 +135,10 @@ def take_step_settings(kwargs: dict[str, Any], batches_per_call: int) -> StepSet
         gradient_clip_algorithm=kwargs.pop("gradient_clip_algorithm"),
         accumulate_grad_batches=kwargs.pop("accumulate_grad_batches") or 1,
     )
+    if settings.gradient_clip_algorithm not in (None, "norm", "value"):
+        raise refused("trainer.gradient_clip_algorithm", settings.gradient_clip_algorithm, "use norm or value")
     if settings.accumulate_grad_batches < 1:
         raise refused("trainer.accumulate_grad_batches", settings.accumulate_grad_batches, "use a positive integer")
-    interval = kwargs["val_check_interval"]
-    if isinstance(interval, int) and batches_per_call > 1:
-        if interval % batches_per_call:
-            raise refused(
-                "trainer.val_check_interval",
-                interval,
-                f"it counts training batches, and each training step takes data.batches_per_call={batches_per_call}: "
-                "use a multiple of it, a fraction of the epoch such as 0.5, or data.batches_per_call=1",
-            )
-        kwargs["val_check_interval"] = interval // batches_per_call
     if isinstance(kwargs["overfit_batches"], float) and 0 < kwargs["overfit_batches"] < 1 and batches_per_call > 1:
         raise refused(
             "trainer.overfit_batches",
