@@ -91,8 +91,9 @@ def trainer_arguments(trainer: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
-def build_callbacks(callbacks: DictConfig, has_logger: bool) -> list[Callback]:
-    """The callbacks of `callbacks.*`, by name; those that watch a metric must watch one the model logs."""
+def build_callbacks(callbacks: DictConfig, has_logger: bool, validates: bool = True) -> list[Callback]:
+    """The callbacks of `callbacks.*`, by name; those that watch a metric must watch one the model
+    logs, and without validation (`validates` false: data.val_size=0) not a `val/` one."""
     built: list[Callback] = []
     for name, node in callbacks.items():
         if node is None:
@@ -109,6 +110,14 @@ def build_callbacks(callbacks: DictConfig, has_logger: bool) -> list[Callback]:
             raise refused(
                 f"callbacks.{name}.monitor", monitor, f"use a metric logged every epoch: {sorted(MONITORABLE)}"
             )
+        if not validates and isinstance(monitor, str) and monitor.startswith("val/"):
+            # Lightning would fail after the first epoch, or (early stopping) never stop.
+            raise refused(
+                f"callbacks.{name}.monitor",
+                monitor,
+                "data.val_size=0 holds out no validation images to measure it on; remove the callback with "
+                f"~callbacks.{name} (the run then tests its last epoch), or monitor a train/ metric",
+            )
         # Lightning refuses a learning-rate monitor with nothing to log to.
         if isinstance(callback, LearningRateMonitor) and not has_logger:
             continue
@@ -116,13 +125,16 @@ def build_callbacks(callbacks: DictConfig, has_logger: bool) -> list[Callback]:
     return built
 
 
-def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
-    """The Trainer of a run, with its loggers and callbacks, and the signal stop of mnist_lit/resume.py."""
+def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Callback] = (), validates: bool = True) -> L.Trainer:
+    """The Trainer of a run, with its loggers and callbacks, and the signal stop of mnist_lit/resume.py.
+    Without validation (`validates` false) it runs no validation loop."""
     kwargs = trainer_arguments(cfg.trainer)
+    if not validates:
+        kwargs["limit_val_batches"] = 0
     output_dir = Path(cfg.paths.output_dir)
     loggers = list(build_loggers(cfg.logger).values())
     callbacks = [
-        *build_callbacks(cfg.callbacks, has_logger=bool(loggers)),
+        *build_callbacks(cfg.callbacks, has_logger=bool(loggers), validates=validates),
         # Not a config entry: exact resume (resume=) depends on it.
         GracefulStop(ckpt_path=output_dir / "checkpoints" / "last.ckpt"),
         *extra_callbacks,
@@ -167,7 +179,7 @@ def build_run(
     model = build(cfg.model, "model")
     if cfg.ckpt_path:
         check_resumable(cfg.ckpt_path, model.hparams)
-    trainer = build_trainer(cfg, callbacks)
+    trainer = build_trainer(cfg, callbacks, validates=datamodule.validates)
     if cfg.compile:
         # In place: the parameters keep their names, so checkpoints load without torch.compile.
         model.net.compile()
@@ -243,7 +255,8 @@ def write_metrics(
 ) -> dict[str, Any]:
     """Write the run's `metrics.json` (on global rank 0): its `metrics` (by default the Trainer's
     latest), the best checkpoint, how far it got, its `status` (completed, interrupted, diverged,
-    pruned) and `fields`. Returns what it wrote."""
+    pruned), whether it validated (false: data.val_size=0, no val/ metrics) and `fields`. Returns
+    what it wrote."""
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     results: dict[str, Any] = {
         **(final_metrics(trainer) if metrics is None else metrics),
@@ -251,6 +264,7 @@ def write_metrics(
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "status": status,
+        "validation": trainer.datamodule.validates,
         **fields,
     }
     if trainer.global_rank == 0:
