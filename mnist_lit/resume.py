@@ -3,7 +3,8 @@ ends with the numbers of a run that never stopped.
 
 The pieces, all here but the two states that live with what they describe:
 - `resume=<run folder>` on the command line (`expand_resume`, called by mnist_lit/train.py before
-  Hydra sees the arguments): the run's own overrides, folder and `checkpoints/last.ckpt`.
+  Hydra sees the arguments): the run's own overrides, folder and `checkpoints/last.ckpt`;
+  `resume=latest` picks the run (`latest_unfinished_run`).
 - `GracefulStop`: stops between two batches on a signal, after writing `last.ckpt`.
 - What a checkpoint carries beyond Lightning's own state:
   - `RESUME_STATE` (here): torch's random number generator states (dropout, augmentation, noise)
@@ -15,6 +16,7 @@ The pieces, all here but the two states that live with what they describe:
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -29,6 +31,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import OmegaConf
 
 from mnist_lit.callbacks import CHECK_EVERY_N_STEPS
+from mnist_lit.config import PathsConfig
 from mnist_lit.errors import ConfigError, Interrupted
 
 # The checkpoint entry with what Lightning does not restore itself (see GracefulStop).
@@ -154,6 +157,9 @@ def expand_resume(args: list[str]) -> list[str]:
     if {"-m", "--multirun"} & set(args):
         raise ConfigError("resume= continues one run; it cannot be combined with -m/--multirun.")
     run = Path(given[-1].removeprefix("resume="))
+    if str(run) == "latest":
+        roots = [arg.removeprefix("paths.output_root=") for arg in args if arg.startswith("paths.output_root=")]
+        run = latest_unfinished_run(Path(roots[-1] if roots else PathsConfig.output_root) / "runs")
     overrides, checkpoint = run / ".hydra" / "overrides.yaml", run / "checkpoints" / "last.ckpt"
     if not overrides.is_file():
         raise ConfigError(f"resume={run}: not a run folder ({overrides} is missing); give one like outputs/runs/<run>.")
@@ -169,6 +175,40 @@ def expand_resume(args: list[str]) -> list[str]:
         f"hydra.output_subdir=.hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}",
         f"ckpt_path={quoted(checkpoint)}",
     ]
+
+
+def latest_unfinished_run(runs: Path) -> Path:
+    """The run folder under `runs` whose `checkpoints/last.ckpt` was written last, among those that
+    did not finish: no metrics.json (killed, crashed, or still running) or status "interrupted".
+    (Completed, diverged and pruned runs are done: a diverged run would diverge again.) Says which
+    run it picked, and why it qualifies."""
+    candidates: list[tuple[float, Path, str]] = []
+    for checkpoint in runs.glob("*/checkpoints/last.ckpt"):
+        run = checkpoint.parent.parent
+        metrics = run / "metrics.json"
+        if not metrics.is_file():
+            state = "no metrics.json: killed or crashed (or still running)"
+        else:
+            try:
+                record = json.loads(metrics.read_text())
+            except json.JSONDecodeError:
+                continue  # not what a run writes: leave it to the user
+            if record.get("status") != "interrupted":
+                continue
+            state = f"interrupted by {record.get('signal', 'a signal')}"
+        candidates.append((checkpoint.stat().st_mtime, run, state))
+    if not candidates:
+        raise ConfigError(
+            f"resume=latest: no run under {runs} has a checkpoints/last.ckpt and is unfinished (completed, diverged "
+            "and pruned runs are done); give the run folder instead: resume=outputs/runs/<run>."
+        )
+    written, run, state = max(candidates)
+    print(
+        f"resume=latest: continuing {run} ({state}; last.ckpt written "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(written))})",
+        flush=True,
+    )
+    return run
 
 
 def quoted(path: Path) -> str:

@@ -1,9 +1,11 @@
 """Training protocols beyond the 55k/5k split: all 60k images without validation (data.val_size=0),
-and k-fold cross-validation (data.folds, data.fold)."""
+k-fold cross-validation (data.folds, data.fold) and going on with the latest unfinished run
+(resume=latest)."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from mnist_lit import report
 from mnist_lit import run as experiment
 from mnist_lit.config import register
 from mnist_lit.errors import ConfigError
+from mnist_lit.resume import expand_resume
 from tests.conftest import CONF_DIR, FAST_TRAIN, SyntheticMNIST, run_module
 
 register()
@@ -136,3 +139,53 @@ def test_folds_run_as_a_multirun_and_the_report_gives_their_mean_and_std(
     assert cells[1] == "3 of 3 (0,1,2)"
     assert cells[4] == f"{statistics.fmean(test_acc):.4f} ± {statistics.stdev(test_acc):.4f}"
     assert cells[5] == f"{statistics.fmean(val_acc):.4f} ± {statistics.stdev(val_acc):.4f}"
+
+
+# ------------------------------------------------------------------------------------ resume=latest
+
+
+def make_run(runs: Path, name: str, written: float, metrics: dict | None = None, checkpoint: bool = True) -> Path:
+    """A run folder as training leaves it: its overrides, maybe a last.ckpt written at `written`, maybe metrics.json."""
+    run = runs / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(f"- seed={len(name)}\n")
+    if checkpoint:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        os.utime(run / "checkpoints" / "last.ckpt", (written, written))
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_resume_latest_picks_the_run_whose_last_checkpoint_is_newest_among_the_unfinished_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "outputs" / "runs"
+    make_run(runs, "completed", 5e8, {"status": "completed"})
+    make_run(runs, "diverged", 4e8, {"status": "diverged"})
+    make_run(runs, "no_checkpoint", 0, checkpoint=False)
+    killed = make_run(runs, "killed", 3e8)
+    interrupted = make_run(runs, "interrupted", 2e8, {"status": "interrupted", "signal": "SIGTERM"})
+    root = f"paths.output_root={tmp_path / 'outputs'}"
+
+    args = expand_resume(["resume=latest", root, "trainer.max_epochs=20"])
+    assert args[:3] == ["seed=6", root, "trainer.max_epochs=20"]
+    assert args[3] == f"hydra.run.dir='{killed}'"
+    assert args[-1] == f"ckpt_path='{killed / 'checkpoints' / 'last.ckpt'}'"
+    assert f"resume=latest: continuing {killed} (no metrics.json: killed or crashed" in capsys.readouterr().out
+
+    (killed / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    assert f"hydra.run.dir='{interrupted}'" in expand_resume(["resume=latest", root])
+    assert f"continuing {interrupted} (interrupted by SIGTERM; last.ckpt written " in capsys.readouterr().out
+
+
+def test_resume_latest_says_so_when_no_run_qualifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path / "outputs" / "runs", "completed", 5e8, {"status": "completed"})
+    with pytest.raises(ConfigError) as error:
+        expand_resume(["resume=latest"])
+    assert str(error.value) == (
+        "resume=latest: no run under outputs/runs has a checkpoints/last.ckpt and is unfinished (completed, diverged "
+        "and pruned runs are done); give the run folder instead: resume=outputs/runs/<run>."
+    )
