@@ -129,8 +129,11 @@ def check_schedule_length(trainer: L.Trainer, pl_module: L.LightningModule, chec
     configure_optimizers built: resumed with more (or fewer) steps, OneCycle would fail once past
     its end and cosine would turn back up.
     """
-    schedules = checkpoint.get("lr_schedulers") or [{}]
-    length = schedules[0].get("total_steps", schedules[0].get("T_max"))
+    schedule = (checkpoint.get("lr_schedulers") or [{}])[0]
+    # OneCycleLR keeps its length as total_steps, CosineAnnealingLR as T_max, and the LambdaLR of
+    # model.scheduler=decay_last_third in its factor (`DecayLastThird`, mnist_lit/module.py).
+    factor = next(iter(schedule.get("lr_lambdas") or []), None) or {}
+    length = schedule.get("total_steps", schedule.get("T_max", factor.get("total_steps")))
     if length is None or trainer.state.fn != TrainerFn.FITTING:
         return
     planned = int(trainer.estimated_stepping_batches)
@@ -139,8 +142,8 @@ def check_schedule_length(trainer: L.Trainer, pl_module: L.LightningModule, chec
             f"this run plans {planned} optimizer steps, but its checkpoint's model.scheduler="
             f"{pl_module.hparams.scheduler} was laid out over {length} steps when the run began: keep the "
             "trainer.max_epochs/max_steps/limit_train_batches and data.batch_size it started with. A "
-            "OneCycle or cosine schedule cannot be stretched: to train longer, start a new run with more epochs "
-            "(runs with model.scheduler=none can be resumed for longer)."
+            "OneCycle, cosine or decay_last_third schedule cannot be stretched: to train longer, start a new run "
+            "with more epochs (runs with model.scheduler=none can be resumed for longer)."
         )
 
 
