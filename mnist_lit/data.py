@@ -267,9 +267,18 @@ class TensorBatches:
                 yield self.images.index_select(0, rows), self.labels.index_select(0, rows)
 
 
+# Images of the 60k training set held out for validation unless data.val_size or data.folds says otherwise.
+DEFAULT_VAL_SIZE = 5000
+
+
 class MNISTDataModule(L.LightningDataModule):
     """MNIST with a 55k/5k train/validation split of the official training set and the official
-    10k test set, normalized with the training-set mean and std."""
+    10k test set, normalized with the training-set mean and std.
+
+    The other splits: `val_size=0` trains on all 60k images and validates on none (the final
+    training, once the settings are chosen); `folds=K, fold=i` validates on the i-th of K disjoint
+    folds that cover the 60k, and trains on the other K-1 (cross-validation).
+    """
 
     def __init__(
         self,
@@ -277,7 +286,9 @@ class MNISTDataModule(L.LightningDataModule):
         # Optional[...] and dict rather than `str | None` and Mapping: hydra-zen turns those into an unchecked Any.
         mirror: Optional[str] = None,  # noqa: UP045
         sha256: dict[str, str] = MNIST_SHA256,
-        val_size: int = 5000,
+        val_size: Optional[int] = None,  # noqa: UP045
+        folds: Optional[int] = None,  # noqa: UP045
+        fold: int = 0,
         split_seed: int = 1234,
         shuffle_seed: int = 0,
         batch_size: int = 64,
@@ -291,8 +302,11 @@ class MNISTDataModule(L.LightningDataModule):
             root: the files go to `<root>/MNIST/raw`.
             mirror: a local folder holding the four files (gzipped or not), used instead of the network.
             sha256: of each file's uncompressed payload, by key of `MNIST_FILES`.
-            val_size: images of the 60k training set held out for validation.
-            split_seed: seed of the train/validation split, apart from the run's seed.
+            val_size: images of the 60k training set held out for validation; None: 5000 (or the
+                fold, with `folds`); 0: none, train on all of them and test the last epoch.
+            folds, fold: K-fold cross-validation: the training set cut into `folds` disjoint parts,
+                part `fold` (0 to folds-1) held out for validation; None: no cross-validation.
+            split_seed: seed of the train/validation split (and of the folds), apart from the run's seed.
             shuffle_seed: seed of the training order (a fresh permutation per epoch).
             batch_size, eval_batch_size: of training; of validation and test.
             batches_per_call: training batches per call of the LightningModule's training_step, one
@@ -309,8 +323,22 @@ class MNISTDataModule(L.LightningDataModule):
         ):
             if value <= 0:
                 raise SettingError(name, value, "use a positive integer, e.g. 64")
-        if val_size <= 0:
-            raise SettingError("val_size", val_size, "use a positive number of validation images")
+        if val_size is not None and val_size < 0:
+            raise SettingError("val_size", val_size, "use a number of images >= 0 (0: no validation)")
+        if folds is None and fold != 0:
+            raise SettingError("fold", fold, "it picks one of data.folds: set data.folds too, e.g. data.folds=5")
+        if folds is not None:
+            if folds < 2:
+                raise SettingError("folds", folds, "use 2 or more folds, or null for no cross-validation")
+            if not 0 <= fold < folds:
+                raise SettingError("fold", fold, f"use 0 to {folds - 1}, one of the data.folds={folds} folds")
+            # Both would choose the validation set: refused rather than one silently ignored.
+            if val_size is not None:
+                raise SettingError(
+                    "val_size",
+                    val_size,
+                    "with data.folds the validation set is fold data.fold: leave data.val_size unset",
+                )
         if std <= 0:
             raise SettingError("std", std, "the normalization std must be > 0")
         if set(sha256) != set(MNIST_FILES):
@@ -323,7 +351,9 @@ class MNISTDataModule(L.LightningDataModule):
         self.raw_dir = Path(root).resolve() / "MNIST" / "raw"
         self.mirror = mirror
         self.sha256 = dict(sha256)
-        self.val_size = val_size
+        self.val_size = DEFAULT_VAL_SIZE if val_size is None else val_size
+        self.folds = folds
+        self.fold = fold
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
         self.batch_size = batch_size
@@ -337,30 +367,46 @@ class MNISTDataModule(L.LightningDataModule):
         self.train_batch_limit: int | float | None = None
         self.requested_val_check_interval: int | float | None = None  # trainer.val_check_interval as given
 
+    @property
+    def validates(self) -> bool:
+        """Whether a validation set is held out: not with val_size=0, where fitting runs no validation."""
+        return self.folds is not None or self.val_size > 0
+
     def prepare_data(self) -> None:
         ensure_mnist(self.raw_dir, self.mirror, self.sha256)
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and "train" not in self.splits:
             images, labels = load_split(self.raw_dir, train=True, mean=self.mean, std=self.std)
-            if self.val_size >= images.shape[0]:
+            train_rows, val_rows = self._split(images.shape[0])
+            if self.batch_size > len(train_rows):
                 raise DataError(
-                    f"data.val_size={self.val_size} leaves no training data: the training set has "
-                    f"{images.shape[0]} images. Use a smaller data.val_size."
-                )
-            if self.batch_size > images.shape[0] - self.val_size:
-                raise DataError(
-                    f"data.batch_size={self.batch_size} is larger than the {images.shape[0] - self.val_size} "
+                    f"data.batch_size={self.batch_size} is larger than the {len(train_rows)} "
                     "training images. Use a smaller data.batch_size."
                 )
-            # The split has its own seed so that changing the run's seed never moves images
-            # between training and validation.
-            order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.split_seed))
-            val_rows, train_rows = order[: self.val_size], order[self.val_size :]
             self.splits["train"] = self._to_device(images[train_rows], labels[train_rows])
-            self.splits["val"] = self._to_device(images[val_rows], labels[val_rows])
+            if self.validates:
+                self.splits["val"] = self._to_device(images[val_rows], labels[val_rows])
         if stage in ("test", "predict") and "test" not in self.splits:
             self.splits["test"] = self._to_device(*load_split(self.raw_dir, train=False, mean=self.mean, std=self.std))
+
+    def _split(self, count: int) -> tuple[Tensor, Tensor]:
+        """The rows of the training and of the validation images among the `count` training images."""
+        # The split has its own seed so that changing the run's seed never moves images
+        # between training and validation.
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.split_seed))
+        if self.folds is None:
+            if self.val_size >= count:
+                raise DataError(
+                    f"data.val_size={self.val_size} leaves no training data: the training set has "
+                    f"{count} images. Use a smaller data.val_size."
+                )
+            return order[self.val_size :], order[: self.val_size]
+        if self.folds > count:
+            raise DataError(f"data.folds={self.folds} is more than the {count} training images. Use fewer folds.")
+        # Sizes differ by at most one image; every image is in exactly one fold.
+        parts = order.tensor_split(self.folds)
+        return torch.cat([part for index, part in enumerate(parts) if index != self.fold]), parts[self.fold]
 
     def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         # On a GPU the whole dataset (about 200 MB) lives there: no host-to-device copy per step.
@@ -421,7 +467,11 @@ class MNISTDataModule(L.LightningDataModule):
             trainer.val_check_interval = (calls_between + 0.5) / calls
         return per_call
 
-    def val_dataloader(self) -> TensorBatches:
+    def val_dataloader(self) -> TensorBatches | list[TensorBatches]:
+        # Without validation the Trainer gets limit_val_batches=0 and never asks, except under
+        # fast_dev_run and overfit_batches, which set their own limit: none over an empty list.
+        if not self.validates:
+            return []
         return self._batches("val", self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> TensorBatches:

@@ -27,7 +27,7 @@ from mnist_lit.speed import (
 )
 
 OptimizerName = Literal["adam", "adamw", "sgd"]
-SchedulerName = Literal["none", "onecycle", "cosine"]  # each stepped every batch
+SchedulerName = Literal["none", "onecycle", "cosine", "decay_last_third"]  # each stepped every batch
 
 METRIC_NAMES = ("loss", "acc", "precision", "recall", "f1")
 # The checkpoint entry with the training-metric inputs of the steps since the epoch began.
@@ -79,6 +79,22 @@ def planned_optimizer_steps(trainer: L.Trainer) -> int:
     return steps
 
 
+class DecayLastThird:
+    """The learning-rate factor of step `step`: 1 for the first two thirds of `total_steps`, then
+    linearly down to 0 at the end: the Ladder network paper's schedule (Rasmus et al. 2015: 100
+    epochs at lr 0.002, then 50 decaying linearly to zero), stepped every batch.
+
+    An object, not a function, so that LambdaLR keeps `total_steps` in checkpoints (resume.py
+    checks it against the steps a resumed run plans)."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        decay_steps = self.total_steps / 3
+        return min(1.0, max(0.0, (self.total_steps - step) / decay_steps))
+
+
 def make_optimizer(
     parameters: Iterable[Tensor],
     optimizer: OptimizerName,
@@ -104,6 +120,8 @@ def make_optimizer(
         return optim, torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=lr, total_steps=total_steps)
     if scheduler == "cosine":
         return optim, torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=total_steps)
+    if scheduler == "decay_last_third":
+        return optim, torch.optim.lr_scheduler.LambdaLR(optim, DecayLastThird(total_steps))
     return optim, None
 
 
@@ -135,7 +153,8 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
         """
         Args (the MLP's, see `mnist_lit.model.MLP`, and):
             optimizer, lr, weight_decay, momentum: the optimizer; momentum is SGD's (Nesterov).
-            scheduler: the learning-rate schedule, stepped every batch; onecycle peaks at `lr`.
+            scheduler: the learning-rate schedule, stepped every batch; onecycle peaks at `lr`;
+                decay_last_third holds `lr`, then decays it linearly to 0 over the last third.
             label_smoothing: of the training targets only, so val/ and test/loss stay comparable.
             max_norm: bound on each hidden unit's incoming weight norm after every step; None: off.
             augment: arguments of `BatchAugment`, distorting training batches only; None: off.

@@ -1,4 +1,4 @@
-"""Compare training runs: `python -m mnist_lit.report PATH... [--csv FILE] [--plot FILE] [--by-seed]`.
+"""Compare training runs: `python -m mnist_lit.report PATH... [--csv FILE] [--plot FILE] [--by-seed | --by-fold]`.
 
 A run folder is any folder with `.hydra/config.yaml` under the given paths: single runs and the
 jobs of multiruns and Optuna searches alike (eval, predict and export folders have no model and
@@ -8,6 +8,7 @@ did not complete are listed with their state:
 - the status in their metrics.json ("pruned", "interrupted", "diverged"),
 - "failed": no metrics.json, and the run's log shows an error,
 - "unfinished": no metrics.json and no error. It is still running, or it was killed.
+Runs trained on all 60k images (data.val_size=0) have no val/ metrics: "no val" in the tables.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from mnist_lit.files import atomic_path
 
 # The metrics the Markdown table shows (the CSV has every metric of metrics.json).
 TABLE_METRICS = ("val/acc_best", "val/loss", "test/acc", "test/loss", "test/f1")
+# In place of the val/ metrics of a run that held out no validation images (data.val_size=0).
+NO_VALIDATION = "no val"
 # Lines of a run's log that mean it failed: Python's traceback header, and records at level ERROR
 # (conf/hydra/default.yaml writes the level in brackets).
 ERROR_MARKS = ("Traceback (most recent call last)", "[ERROR]")
@@ -66,6 +69,9 @@ class Run:
     status: str
     metrics: dict[str, Any] = field(default_factory=dict)  # metrics.json, empty without one
     note: str = ""  # for a failed run, the error its log shows
+    validation: bool = True  # false: trained on all 60k images, no val/ metrics (data.val_size=0)
+    folds: int | None = None  # cross-validation: the run validated on fold `fold` of `folds`
+    fold: int | None = None
 
     @property
     def params(self) -> int:
@@ -74,6 +80,11 @@ class Run:
     def metric(self, key: str) -> float | None:
         value = self.metrics.get(key)
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    def metric_cell(self, key: str) -> str:
+        if key.startswith("val/") and not self.validation:
+            return NO_VALIDATION
+        return _fmt(self.metric(key))
 
 
 def _log_error(run_dir: Path) -> str | None:
@@ -99,6 +110,8 @@ def read_run(run_dir: Path) -> Run | None:
         return None
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = (yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else None) or []
+    data = config.get("data") or {}
+    folds = data.get("folds")
     run = Run(
         path=run_dir,
         overrides=[str(override) for override in overrides],
@@ -107,6 +120,9 @@ def read_run(run_dir: Path) -> Run | None:
         seed=config.get("seed"),
         max_epochs=(config.get("trainer") or {}).get("max_epochs"),
         status="unfinished",
+        validation=data.get("val_size") != 0,
+        folds=folds,
+        fold=data.get("fold") if folds else None,
     )
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
@@ -194,7 +210,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
             f"{run.params:,}",
             "—" if epochs is None else f"{epochs}/{run.max_epochs}",
             "—" if fit_seconds is None else f"{fit_seconds:.1f} s",
-            *(_fmt(run.metric(key)) for key in TABLE_METRICS),
+            *(run.metric_cell(key) for key in TABLE_METRICS),
         ]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -265,11 +281,15 @@ def plot(runs: Sequence[Run], path: Path, metric: str = "test/acc") -> int:
     return len(points)
 
 
-@dataclass
-class SeedGroup:
-    """Completed runs of one configuration that differ only in their seed."""
+# What --by-seed and --by-fold group over: the setting the runs of a group differ in, as an override.
+VARIED = {"seed": "seed", "fold": "data.fold"}
 
-    overrides: list[str]  # without seed=...
+
+@dataclass
+class RunGroup:
+    """Completed runs of one configuration that differ only in their seed, or only in their fold."""
+
+    overrides: list[str]  # without the seed=... (or data.fold=...) that differs
     runs: list[Run]
 
     @property
@@ -288,39 +308,50 @@ class SeedGroup:
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _is_seed(override: str) -> bool:
-    return override.split("=", 1)[0].lstrip("+~") == "seed"
+def _sets(override: str, key: str) -> bool:
+    return override.split("=", 1)[0].lstrip("+~") == key
 
 
-def aggregate_seeds(runs: Iterable[Run]) -> list[SeedGroup]:
-    """Group the completed runs whose overrides are equal apart from `seed=`, best mean test/acc first."""
-    groups: dict[tuple[str, ...], SeedGroup] = {}
+def aggregate(runs: Iterable[Run], over: str = "seed") -> list[RunGroup]:
+    """Group the completed runs whose overrides are equal apart from `seed=` (`over="seed"`) or,
+    among cross-validation runs, apart from `data.fold=` (`over="fold"`).
+
+    Seeds: best mean test/acc first. Folds: best mean val/acc_best first, as cross-validation is
+    for choosing settings, and settings are chosen on validation."""
+    groups: dict[tuple[str, ...], RunGroup] = {}
     for run in runs:
-        if run.status != "completed":
+        if run.status != "completed" or (over == "fold" and run.folds is None):
             continue
-        overrides = [override for override in run.overrides if not _is_seed(override)]
-        groups.setdefault(tuple(sorted(overrides)), SeedGroup(overrides, [])).runs.append(run)
-    return sorted(groups.values(), key=lambda group: -group.mean_std("test/acc")[0])
+        overrides = [override for override in run.overrides if not _sets(override, VARIED[over])]
+        groups.setdefault(tuple(sorted(overrides)), RunGroup(overrides, [])).runs.append(run)
+    rank_by = "test/acc" if over == "seed" else "val/acc_best"
+    return sorted(groups.values(), key=lambda group: -group.mean_std(rank_by)[0])
 
 
-def _mean_std(group: SeedGroup, key: str, digits: int = 4) -> str:
+def _mean_std(group: RunGroup, key: str, digits: int = 4) -> str:
+    if key.startswith("val/") and not any(run.validation for run in group.runs):
+        return NO_VALIDATION
     mean, std = group.mean_std(key)
     if math.isnan(mean):
         return "—"
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def seeds_table(groups: Sequence[SeedGroup]) -> str:
-    """Markdown: one row per configuration, metrics as mean ± sample std over its seeds."""
+def groups_table(groups: Sequence[RunGroup], over: str = "seed") -> str:
+    """Markdown: one row per configuration, metrics as mean ± sample std over its seeds (or folds)."""
     lines = [
-        "| overrides | seeds | hidden | params | test/acc | val/acc_best | fit time per run |",
+        f"| overrides | {over}s | hidden | params | test/acc | val/acc_best | fit time per run |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for group in groups:
-        seeds = ",".join(str(run.seed) for run in group.runs)
+        if over == "seed":
+            count = f"{len(group.runs)} ({','.join(str(run.seed) for run in group.runs)})"
+        else:  # how many of the folds ran: the mean of 3 folds out of 5 is no 5-fold estimate
+            folds = ",".join(str(run.fold) for run in sorted(group.runs, key=lambda run: run.fold or 0))
+            count = f"{len(group.runs)} of {group.runs[0].folds} ({folds})"
         cells = [
             " ".join(group.overrides),
-            f"{len(group.runs)} ({seeds})",
+            count,
             str(group.hidden),
             f"{group.params:,}",
             _mean_std(group, "test/acc"),
@@ -380,10 +411,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--plot-metric", default="test/acc", metavar="KEY", help="the metric --plot draws (default: test/acc)"
     )
-    parser.add_argument(
+    by = parser.add_mutually_exclusive_group()
+    by.add_argument(
         "--by-seed",
         action="store_true",
         help="print instead one row per configuration: mean ± sample std over runs that differ only in seed=",
+    )
+    by.add_argument(
+        "--by-fold",
+        action="store_true",
+        help="the same over the folds of cross-validation runs (data.folds=K -m data.fold=0,...,K-1), "
+        "best mean val/acc_best first",
     )
     parser.add_argument(
         "--readme",
@@ -398,7 +436,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     with reported_as_exit():
         runs = find_runs(args.paths)
-        table = seeds_table(aggregate_seeds(runs)) if args.by_seed else markdown_table(runs)
+        if args.by_seed or args.by_fold:
+            over = "seed" if args.by_seed else "fold"
+            groups = aggregate(runs, over)
+            if over == "fold" and not groups:
+                raise ReportError(
+                    f"no completed cross-validation run under {' '.join(map(str, args.paths))}: "
+                    "train the folds with -m data.folds=5 data.fold=0,1,2,3,4"
+                )
+            table = groups_table(groups, over)
+        else:
+            table = markdown_table(runs)
         print(table, end="")
         if args.readme:
             if not args.by_seed:

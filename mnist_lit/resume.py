@@ -3,7 +3,8 @@ ends with the numbers of a run that never stopped.
 
 The pieces, all here but the two states that live with what they describe:
 - `resume=<run folder>` on the command line (`expand_resume`, called by mnist_lit/train.py before
-  Hydra sees the arguments): the run's own overrides, folder and `checkpoints/last.ckpt`.
+  Hydra sees the arguments): the run's own overrides, folder and `checkpoints/last.ckpt`;
+  `resume=latest` picks the run (`latest_unfinished_run`).
 - `GracefulStop`: stops between two batches on a signal, after writing `last.ckpt`.
 - What a checkpoint carries beyond Lightning's own state:
   - `RESUME_STATE` (here): torch's random number generator states (dropout, augmentation, noise)
@@ -15,6 +16,7 @@ The pieces, all here but the two states that live with what they describe:
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -29,7 +31,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import OmegaConf
 
 from mnist_lit.callbacks import CHECK_EVERY_N_STEPS
+from mnist_lit.config import PathsConfig
 from mnist_lit.errors import ConfigError, Interrupted
+from mnist_lit.module import planned_optimizer_steps
 
 # The checkpoint entry with what Lightning does not restore itself (see GracefulStop).
 RESUME_STATE = "mnist_lit_resume_state"
@@ -129,18 +133,21 @@ def check_schedule_length(trainer: L.Trainer, pl_module: L.LightningModule, chec
     configure_optimizers built: resumed with more (or fewer) steps, OneCycle would fail once past
     its end and cosine would turn back up.
     """
-    schedules = checkpoint.get("lr_schedulers") or [{}]
-    length = schedules[0].get("total_steps", schedules[0].get("T_max"))
+    schedule = (checkpoint.get("lr_schedulers") or [{}])[0]
+    # OneCycleLR keeps its length as total_steps, CosineAnnealingLR as T_max, and the LambdaLR of
+    # model.scheduler=decay_last_third in its factor (`DecayLastThird`, mnist_lit/module.py).
+    factor = next(iter(schedule.get("lr_lambdas") or []), None) or {}
+    length = schedule.get("total_steps", schedule.get("T_max", factor.get("total_steps")))
     if length is None or trainer.state.fn != TrainerFn.FITTING:
         return
-    planned = int(trainer.estimated_stepping_batches)
+    planned = planned_optimizer_steps(trainer)
     if planned != length:
         raise ConfigError(
             f"this run plans {planned} optimizer steps, but its checkpoint's model.scheduler="
             f"{pl_module.hparams.scheduler} was laid out over {length} steps when the run began: keep the "
             "trainer.max_epochs/max_steps/limit_train_batches and data.batch_size it started with. A "
-            "OneCycle or cosine schedule cannot be stretched: to train longer, start a new run with more epochs "
-            "(runs with model.scheduler=none can be resumed for longer)."
+            "OneCycle, cosine or decay_last_third schedule cannot be stretched: to train longer, start a new run "
+            "with more epochs (runs with model.scheduler=none can be resumed for longer)."
         )
 
 
@@ -157,6 +164,9 @@ def expand_resume(args: list[str]) -> list[str]:
     if {"-m", "--multirun"} & set(args):
         raise ConfigError("resume= continues one run; it cannot be combined with -m/--multirun.")
     run = Path(given[-1].removeprefix("resume="))
+    if str(run) == "latest":
+        roots = [arg.removeprefix("paths.output_root=") for arg in args if arg.startswith("paths.output_root=")]
+        run = latest_unfinished_run(Path(roots[-1] if roots else PathsConfig.output_root) / "runs")
     overrides, checkpoint = run / ".hydra" / "overrides.yaml", run / "checkpoints" / "last.ckpt"
     if not overrides.is_file():
         raise ConfigError(f"resume={run}: not a run folder ({overrides} is missing); give one like outputs/runs/<run>.")
@@ -172,6 +182,40 @@ def expand_resume(args: list[str]) -> list[str]:
         f"hydra.output_subdir=.hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}",
         f"ckpt_path={quoted(checkpoint)}",
     ]
+
+
+def latest_unfinished_run(runs: Path) -> Path:
+    """The run folder under `runs` whose `checkpoints/last.ckpt` was written last, among those that
+    did not finish: no metrics.json (killed, crashed, or still running) or status "interrupted".
+    (Completed, diverged and pruned runs are done: a diverged run would diverge again.) Says which
+    run it picked, and why it qualifies."""
+    candidates: list[tuple[float, Path, str]] = []
+    for checkpoint in runs.glob("*/checkpoints/last.ckpt"):
+        run = checkpoint.parent.parent
+        metrics = run / "metrics.json"
+        if not metrics.is_file():
+            state = "no metrics.json: killed or crashed (or still running)"
+        else:
+            try:
+                record = json.loads(metrics.read_text())
+            except json.JSONDecodeError:
+                continue  # not what a run writes: leave it to the user
+            if record.get("status") != "interrupted":
+                continue
+            state = f"interrupted by {record.get('signal', 'a signal')}"
+        candidates.append((checkpoint.stat().st_mtime, run, state))
+    if not candidates:
+        raise ConfigError(
+            f"resume=latest: no run under {runs} has a checkpoints/last.ckpt and is unfinished (completed, diverged "
+            "and pruned runs are done); give the run folder instead: resume=outputs/runs/<run>."
+        )
+    written, run, state = max(candidates)
+    print(
+        f"resume=latest: continuing {run} ({state}; last.ckpt written "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(written))})",
+        flush=True,
+    )
+    return run
 
 
 def quoted(path: Path) -> str:

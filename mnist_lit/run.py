@@ -94,8 +94,11 @@ def trainer_arguments(trainer: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
-def build_callbacks(callbacks: DictConfig, has_logger: bool, batches_per_call: int = 1) -> list[Callback]:
-    """The callbacks of `callbacks.*`, by name; those that watch a metric must watch one the model logs."""
+def build_callbacks(
+    callbacks: DictConfig, has_logger: bool, batches_per_call: int = 1, validates: bool = True
+) -> list[Callback]:
+    """The callbacks of `callbacks.*`, by name; those that watch a metric must watch one the model
+    logs, and without validation (`validates` false: data.val_size=0) not a `val/` one."""
     built: list[Callback] = []
     for name, node in callbacks.items():
         if node is None:
@@ -119,6 +122,14 @@ def build_callbacks(callbacks: DictConfig, has_logger: bool, batches_per_call: i
                 callback._every_n_train_steps,
                 f"each training step takes data.batches_per_call={batches_per_call} optimizer steps and may jump "
                 "over it: use every_n_epochs or train_time_interval, or data.batches_per_call=1",
+            )
+        if not validates and isinstance(monitor, str) and monitor.startswith("val/"):
+            # Lightning would fail after the first epoch, or (early stopping) never stop.
+            raise refused(
+                f"callbacks.{name}.monitor",
+                monitor,
+                "data.val_size=0 holds out no validation images to measure it on; remove the callback with "
+                f"~callbacks.{name} (the run then tests its last epoch), or monitor a train/ metric",
             )
         # Lightning refuses a learning-rate monitor with nothing to log to.
         if isinstance(callback, LearningRateMonitor) and not has_logger:
@@ -159,13 +170,19 @@ def take_train_batch_limit(kwargs: dict[str, Any]) -> int | float | None:
     return limit
 
 
-def build_trainer(cfg: DictConfig, kwargs: dict[str, Any], extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, kwargs: dict[str, Any], extra_callbacks: Sequence[Callback] = (), validates: bool = True
+) -> L.Trainer:
     """The Trainer of a run from its `trainer_arguments`, with its loggers and callbacks, and the
-    signal stop of mnist_lit/resume.py."""
+    signal stop of mnist_lit/resume.py. Without validation (`validates` false) it runs no validation loop."""
+    if not validates:
+        kwargs["limit_val_batches"] = 0
     output_dir = Path(cfg.paths.output_dir)
     loggers = list(build_loggers(cfg.logger).values())
     callbacks = [
-        *build_callbacks(cfg.callbacks, has_logger=bool(loggers), batches_per_call=cfg.data.batches_per_call),
+        *build_callbacks(
+            cfg.callbacks, has_logger=bool(loggers), batches_per_call=cfg.data.batches_per_call, validates=validates
+        ),
         # Not a config entry: exact resume (resume=) depends on it.
         GracefulStop(ckpt_path=output_dir / "checkpoints" / "last.ckpt"),
         *extra_callbacks,
@@ -222,7 +239,7 @@ def build_run(
     datamodule.train_batch_limit = take_train_batch_limit(kwargs)
     if cfg.ckpt_path:
         check_resumable(cfg.ckpt_path, model.hparams)
-    trainer = build_trainer(cfg, kwargs, callbacks)
+    trainer = build_trainer(cfg, kwargs, callbacks, validates=datamodule.validates)
     if cfg.compile:
         # In place: the parameters keep their names, so checkpoints load without torch.compile.
         model.net.compile(mode=cfg.compile_mode)
@@ -298,7 +315,8 @@ def write_metrics(
 ) -> dict[str, Any]:
     """Write the run's `metrics.json` (on global rank 0): its `metrics` (by default the Trainer's
     latest), the best checkpoint, how far it got, its `status` (completed, interrupted, diverged,
-    pruned) and `fields`. Returns what it wrote."""
+    pruned), whether it validated (false: data.val_size=0, no val/ metrics) and `fields`. Returns
+    what it wrote."""
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     results: dict[str, Any] = {
         **(final_metrics(trainer) if metrics is None else metrics),
@@ -306,6 +324,7 @@ def write_metrics(
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "status": status,
+        "validation": trainer.datamodule.validates,
         **fields,
     }
     if trainer.global_rank == 0:

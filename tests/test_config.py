@@ -29,9 +29,10 @@ def test_default_config_is_the_128_64_mlp_on_cpu_friendly_settings() -> None:
     cfg = compose_train()
     assert list(cfg.model.hidden) == [128, 64]
     assert cfg.model.optimizer == "adam"
-    assert cfg.data.batch_size == 64 and cfg.data.val_size == 5000
+    assert cfg.data.batch_size == 64 and cfg.data.val_size is None and cfg.data.folds is None
     assert cfg.data.shuffle_seed == cfg.seed
-    build_run(cfg)
+    datamodule, _, _ = build_run(cfg)
+    assert datamodule.val_size == 5000 and datamodule.validates
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -136,7 +137,9 @@ def test_schema_rejects_unknown_keys_and_wrong_types(override: str, message: str
         ("model.lr=-1e-3", "model.lr=-0.001"),
         ("data.batch_size=0", "data.batch_size=0 is not allowed"),
         ("data.batch_size=-8", "data.batch_size=-8"),
-        ("data.val_size=0", "data.val_size=0"),
+        ("data.val_size=-1", "data.val_size=-1 is not allowed: use a number of images >= 0"),
+        ("data.folds=1", "data.folds=1 is not allowed: use 2 or more folds"),
+        ("data.fold=3", "data.fold=3 is not allowed: it picks one of data.folds"),
         ("model.dropout=1.0", "model.dropout=1.0"),
         ("model.input_dropout=-0.1", "model.input_dropout=-0.1 is not allowed: use a probability in [0, 1)"),
         ("model.label_smoothing=1.5", "model.label_smoothing=1.5"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mnist_lit.data import EpochShuffle, MNISTDataModule, TensorBatches, ensure_mnist, load_split
-from mnist_lit.errors import DataError
+from mnist_lit.errors import DataError, SettingError
 from mnist_lit.mnist import MNIST_FILES, read_idx
 from tests.conftest import SyntheticMNIST, idx_bytes, make_digits
 
@@ -192,4 +192,61 @@ def test_batch_larger_than_the_training_set(synthetic_mnist: SyntheticMNIST, tmp
     dm = make_datamodule(synthetic_mnist, tmp_path, batch_size=501)
     dm.prepare_data()
     with pytest.raises(DataError, match=re.escape("data.batch_size=501 is larger than the 500 training images")):
+        dm.setup("fit")
+
+
+def test_val_size_0_trains_on_every_image_and_holds_out_none(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    dm = make_datamodule(synthetic_mnist, tmp_path, val_size=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert not dm.validates
+    assert dm.splits["train"][0].shape == (600, 784) and "val" not in dm.splits
+    assert dm.val_dataloader() == []
+
+
+def fold_rows(synthetic: SyntheticMNIST, root: Path, **kwargs: object) -> tuple[set[int], set[int]]:
+    """The training and the validation images of a split, each image by its (unique) pixel sum."""
+    dm = make_datamodule(synthetic, root, val_size=None, **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    train, val = (dm.splits[split][0].double().sum(dim=1) for split in ("train", "val"))
+    return set(train.tolist()), set(val.tolist())
+
+
+def test_folds_are_disjoint_cover_the_training_set_and_are_fixed_by_split_seed(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    folds = [fold_rows(synthetic_mnist, tmp_path, folds=5, fold=fold) for fold in range(5)]
+    everything = set().union(*(val for _, val in folds))
+    assert len(everything) == 600  # the pixel sums tell every synthetic image apart
+    assert [len(val) for _, val in folds] == [120] * 5
+    assert sum(len(val) for _, val in folds) == 600  # so no image is in two folds
+    for train, val in folds:
+        assert train == everything - val
+    assert fold_rows(synthetic_mnist, tmp_path, folds=5, fold=2, shuffle_seed=7) == folds[2]
+    assert fold_rows(synthetic_mnist, tmp_path, folds=5, fold=2, split_seed=7)[1] != folds[2][1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"val_size": -1}, "val_size=-1 is not allowed: use a number of images >= 0 (0: no validation)"),
+        ({"folds": 1}, "folds=1 is not allowed: use 2 or more folds, or null"),
+        ({"folds": 5, "fold": 5}, "fold=5 is not allowed: use 0 to 4, one of the data.folds=5 folds"),
+        ({"folds": 5, "fold": -1}, "fold=-1 is not allowed: use 0 to 4"),
+        ({"fold": 3}, "fold=3 is not allowed: it picks one of data.folds: set data.folds too"),
+        ({"folds": 5, "val_size": 0}, "val_size=0 is not allowed: with data.folds the validation set is fold"),
+    ],
+)
+def test_splits_that_cannot_be_made_are_refused_when_built(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(SettingError, match=re.escape(message)):
+        make_datamodule(synthetic_mnist, tmp_path, **{"val_size": None, **kwargs})
+
+
+def test_more_folds_than_images_is_refused_naming_the_count(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
+    dm = make_datamodule(synthetic_mnist, tmp_path, val_size=None, folds=601)
+    dm.prepare_data()
+    with pytest.raises(DataError, match=re.escape("data.folds=601 is more than the 600 training images")):
         dm.setup("fit")

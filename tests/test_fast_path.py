@@ -89,7 +89,10 @@ def test_compiling_keeps_the_parameter_names_so_checkpoints_load_without_it() ->
     plain.load_state_dict(compiled.state_dict())
 
 
-@pytest.mark.parametrize(("scheduler", "expected"), [("onecycle", "OneCycleLR"), ("cosine", "CosineAnnealingLR")])
+@pytest.mark.parametrize(
+    ("scheduler", "expected"),
+    [("onecycle", "OneCycleLR"), ("cosine", "CosineAnnealingLR"), ("decay_last_third", "LambdaLR")],
+)
 def test_the_optimizer_is_fused_and_stepped_with_its_schedule(scheduler: str, expected: str) -> None:
     net = torch.nn.Linear(3, 2)
     for name in ("adam", "adamw", "sgd"):

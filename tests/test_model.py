@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from mnist_lit.errors import ConfigError
 from mnist_lit.model import MLP, NoisyBatchNorm
 from mnist_lit.module import MNISTClassifier
+from mnist_lit.resume import check_schedule_length
 
 
 @pytest.mark.parametrize(
@@ -193,6 +197,36 @@ def test_schedules_step_every_batch_over_the_whole_run(scheduler: str, expected:
     assert lr_scheduler["interval"] == "step"
     total = lr_scheduler["scheduler"].total_steps if scheduler == "onecycle" else lr_scheduler["scheduler"].T_max
     assert total == 1234
+
+
+def test_decay_last_third_holds_the_rate_then_decays_it_linearly_to_zero_over_the_last_third(
+    tmp_path: Path,
+) -> None:
+    module = MNISTClassifier(hidden=[8], lr=0.002, scheduler="decay_last_third")
+
+    class FakeTrainer:
+        estimated_stepping_batches = 30
+
+    module._trainer = FakeTrainer()  # type: ignore[assignment]
+    built = module.configure_optimizers()
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    assert built["lr_scheduler"]["interval"] == "step"
+    rates = []
+    for _ in range(30):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # Steps 0-19 at 0.002; steps 20-29 at 0.002 * (30 - step) / 10: 0.002, 0.0018, ..., 0.0002; then 0.
+    assert rates[:20] == [0.002] * 20
+    assert rates[20:] == pytest.approx([0.002 * (30 - step) / 10 for step in range(20, 30)], abs=1e-12)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    # Its length goes into checkpoints, and a run resumed over another number of steps is refused.
+    torch.save({"lr_schedulers": [scheduler.state_dict()]}, tmp_path / "schedule.pt")
+    checkpoint = torch.load(tmp_path / "schedule.pt", weights_only=True)
+    assert checkpoint["lr_schedulers"][0]["lr_lambdas"] == [{"total_steps": 30}]
+    longer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), estimated_stepping_batches=60)
+    with pytest.raises(ConfigError, match=r"plans 60 optimizer steps, .*decay_last_third was laid out over 30 steps"):
+        check_schedule_length(longer, module, checkpoint)  # type: ignore[arg-type]
 
 
 def trained_one_step(**hparams: object) -> MNISTClassifier:

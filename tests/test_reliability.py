@@ -184,8 +184,9 @@ def test_sigterm_then_resume_continues_the_same_run_folder_and_tensorboard_run_e
     assert read_metrics(run_dir)["status"] == "interrupted"
     config = (run_dir / ".hydra" / "config.yaml").read_text()
 
-    result = run_module("mnist_lit.train", f"resume={run_dir}", cwd=tmp_path)
+    result = run_module("mnist_lit.train", "resume=latest", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resume=latest: continuing {run_dir.relative_to(tmp_path)} (interrupted by SIGTERM" in result.stdout
     assert only_run(tmp_path) == run_dir
     metrics = read_metrics(run_dir)
     assert metrics["status"] == "completed"

@@ -15,12 +15,12 @@ from mnist_lit.model import MLP
 from mnist_lit.report import (
     RESULTS_BEGIN,
     RESULTS_END,
-    aggregate_seeds,
+    aggregate,
     find_runs,
+    groups_table,
     markdown_table,
     parameter_count,
     plot,
-    seeds_table,
     write_csv,
     write_readme_results,
 )
@@ -43,10 +43,12 @@ def make_run(
     log: str = "",
     hidden: list[int] | None = None,
     seed: int = 42,
+    data: dict[str, Any] | None = None,
 ) -> None:
     """A run folder as mnist_lit.train leaves it: .hydra/{config,overrides}.yaml, train.log, metrics.json."""
     (folder / ".hydra").mkdir(parents=True)
     config = {"model": {"hidden": hidden or [128, 64], "lr": 1e-3}, "trainer": {"max_epochs": 10}, "seed": seed}
+    config["data"] = {"val_size": None, "folds": None, "fold": 0, **(data or {})}
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([EPOCHS, *overrides]))
     (folder / "train.log").write_text(log)
@@ -178,7 +180,7 @@ def test_plot_is_a_png_of_the_completed_runs(runs_dir: Path, tmp_path: Path) -> 
 
 
 def test_seeds_are_aggregated_as_mean_and_sample_std(runs_dir: Path) -> None:
-    groups = aggregate_seeds(find_runs([runs_dir]))
+    groups = aggregate(find_runs([runs_dir]), "seed")
     assert [group.overrides for group in groups] == [[EPOCHS, "model.hidden=[128,64]"], [EPOCHS, "model.hidden=[256]"]]
     three, one = groups
     assert [run.seed for run in three.runs] == [1, 2, 3]
@@ -186,9 +188,73 @@ def test_seeds_are_aggregated_as_mean_and_sample_std(runs_dir: Path) -> None:
     assert three.mean_std("test/acc") == pytest.approx((0.98, 0.01))
     assert three.mean_std("fit_seconds") == pytest.approx((12.0, 2.0))
     assert one.mean_std("test/acc") == (0.95, None)
-    table = rows(seeds_table(groups))
+    table = rows(groups_table(groups, "seed"))
     assert table[0][1:] == ["3 (1,2,3)", "[128, 64]", "109,386", "0.9800 ± 0.0100", "0.9800 ± 0.0050", "12.0 ± 2.0 s"]
     assert table[1][4] == "0.9500"
+
+
+@pytest.fixture(scope="module")
+def folds_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two settings cross-validated over 5 folds (one of them on 3 folds only so far), a run outside
+    cross-validation, and a final run on all 60k images without validation."""
+    root = tmp_path_factory.mktemp("folds")
+    for job, (lr, fold, val_acc, test_acc) in enumerate(
+        [
+            ("1e-3", 0, 0.97, 0.96),
+            ("1e-3", 1, 0.98, 0.97),
+            ("1e-3", 2, 0.99, 0.98),
+            ("3e-3", 0, 0.99, 0.95),
+            ("3e-3", 1, 0.99, 0.95),
+            ("3e-3", 2, 0.99, 0.95),
+            ("3e-3", 3, 0.99, 0.95),
+            ("3e-3", 4, 0.99, 0.95),
+        ]
+    ):
+        make_run(
+            root / "multiruns" / "cv" / str(job),
+            ["data.folds=5", f"model.lr={lr}", f"data.fold={fold}"],
+            completed(test_acc, val_acc, 10.0),
+            data={"folds": 5, "fold": fold},
+        )
+    make_run(root / "runs" / "plain", ["model.lr=1e-3"], completed(0.99, 0.999, 10.0))
+    final = {key: value for key, value in completed(0.991, 0.0, 12.0).items() if not key.startswith("val/")}
+    make_run(root / "runs" / "final", ["data.val_size=0"], {**final, "validation": False}, data={"val_size": 0})
+    return root
+
+
+def test_folds_are_aggregated_best_mean_validation_first_with_how_many_folds_ran(folds_dir: Path) -> None:
+    groups = aggregate(find_runs([folds_dir]), "fold")
+    assert [group.overrides for group in groups] == [
+        [EPOCHS, "data.folds=5", "model.lr=3e-3"],
+        [EPOCHS, "data.folds=5", "model.lr=1e-3"],
+    ]
+    five, three = groups
+    assert five.mean_std("val/acc_best") == pytest.approx((0.99, 0.0))
+    assert three.mean_std("val/acc_best") == pytest.approx((0.98, 0.01))
+    assert three.mean_std("test/acc") == pytest.approx((0.97, 0.01))
+    table = rows(groups_table(groups, "fold"))
+    assert [row[1] for row in table] == ["5 of 5 (0,1,2,3,4)", "3 of 5 (0,1,2)"]
+    assert table[1][4:6] == ["0.9700 ± 0.0100", "0.9800 ± 0.0100"]
+
+
+def test_a_run_without_validation_shows_no_val_in_place_of_its_val_metrics(folds_dir: Path) -> None:
+    runs = find_runs([folds_dir / "runs"])
+    final = next(run for run in runs if run.path.name == "final")
+    assert not final.validation and next(run for run in runs if run.path.name == "plain").validation
+    (row,) = [row for row in rows(markdown_table(runs)) if row[0].endswith("final")]
+    assert row[7:] == ["no val", "no val", "0.9910", "0.1000", "0.9900"]
+    (group,) = [group for group in aggregate(runs, "seed") if "data.val_size=0" in group.overrides]
+    (row,) = [row for row in rows(groups_table([group], "seed"))]
+    assert row[4:6] == ["0.9910", "no val"]
+
+
+def test_cli_reports_by_fold_and_says_when_there_is_nothing_to_group(folds_dir: Path, tmp_path: Path) -> None:
+    result = run_module("mnist_lit.report", str(folds_dir), "--by-fold", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "| overrides | folds |" in result.stdout and "5 of 5 (0,1,2,3,4)" in result.stdout
+    result = run_module("mnist_lit.report", str(folds_dir / "runs"), "--by-fold", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"no completed cross-validation run under {folds_dir / 'runs'}: train the folds with" in result.stderr
 
 
 def test_cli_prints_markdown_and_writes_csv_and_png(runs_dir: Path, tmp_path: Path) -> None:

@@ -155,6 +155,13 @@ def test_a_search_without_a_search_space_is_refused_clearly(tmp_path: Path) -> N
     assert "nothing to search" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_search_without_validation_is_refused_before_any_trial(tmp_path: Path) -> None:
+    result = run_module("mnist_lit.train", "hparams_search=optuna", "data.val_size=0", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: data.val_size=0 holds out no validation images, and a search maximizes val/acc_best" in result.stderr
+    assert not list(tmp_path.glob("outputs/multiruns/*/*"))  # no study, no trial
+
+
 def test_search_space_follows_hydra_sweep_grammar() -> None:
     space, fixed = parse_search_space(
         [

@@ -152,6 +152,11 @@ class OptunaSweeper(Sweeper):
             raise ConfigError(f"hydra.sweeper.n_trials={self.n_trials} and n_jobs={self.n_jobs} must be >= 1")
         if not 0.0 <= self.max_failure_rate <= 1.0:
             raise ConfigError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate} must be in [0, 1]")
+        if self.config.data.val_size == 0:
+            raise ConfigError(
+                f"data.val_size=0 holds out no validation images, and a search maximizes {OBJECTIVE}: search with "
+                "validation, then train the chosen settings on all images with data.val_size=0"
+            )
         if self.pruner is not None and self.storage is None:
             raise ConfigError(
                 "pruning needs a storage the jobs can open: keep hydra.sweeper.storage "

@@ -1,0 +1,213 @@
+"""Training protocols beyond the 55k/5k split: all 60k images without validation (data.val_size=0),
+k-fold cross-validation (data.folds, data.fold) and going on with the latest unfinished run
+(resume=latest)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mnist_lit import report
+from mnist_lit import run as experiment
+from mnist_lit.config import register
+from mnist_lit.errors import ConfigError
+from mnist_lit.module import DecayLastThird
+from mnist_lit.resume import expand_resume
+from tests.conftest import CONF_DIR, FAST_TRAIN, SyntheticMNIST, run_module
+
+register()
+
+# No validation, so no best checkpoint by val/acc: the run keeps and tests its last epoch.
+ALL_IMAGES = ["data.val_size=0", "~callbacks.model_checkpoint"]
+
+
+def compose_train(output_dir: Path, synthetic: SyntheticMNIST, *overrides: str) -> DictConfig:
+    data = [override for override in synthetic.overrides(output_dir.parent / "data") if "val_size" not in override]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[f"paths.output_dir={output_dir}", *FAST_TRAIN, "logger=none", *data, *overrides],
+        )
+
+
+class CountsValidation(L.Callback):
+    def __init__(self) -> None:
+        self.epochs = 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epochs += 1
+
+
+# ------------------------------------------------------------------------------- data.val_size=0
+
+
+def test_val_size_0_trains_on_all_images_runs_no_validation_and_tests_the_last_epoch(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    validation = CountsValidation()
+    metrics = experiment.fit_and_test(compose_train(tmp_path / "run", synthetic_mnist, *ALL_IMAGES), [validation])
+    assert validation.epochs == 0
+    # 2 epochs of all 600 synthetic training images in batches of 50 (with val_size=100: 10 a epoch).
+    assert metrics["global_step"] == 2 * 600 // 50
+    assert metrics["validation"] is False and not [key for key in metrics if key.startswith("val/")]
+    assert metrics["status"] == "completed" and metrics["test/acc"] > 0.9
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [path.name for path in checkpoints.iterdir()] == ["last.ckpt"]
+    assert metrics["ckpt_path"] == str(checkpoints / "last.ckpt")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+
+
+@pytest.mark.parametrize("debug", ["fdr", "overfit"])
+def test_debug_runs_that_set_their_own_validation_limit_validate_nothing_either(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, debug: str
+) -> None:
+    validation = CountsValidation()
+    cfg = compose_train(tmp_path / "run", synthetic_mnist, *ALL_IMAGES, f"debug={debug}", "trainer.max_epochs=1")
+    metrics = experiment.fit_and_test(cfg, [validation])
+    assert validation.epochs == 0 and metrics["validation"] is False and metrics["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ([], "callbacks.model_checkpoint.monitor='val/acc'"),
+        (["callbacks=early_stopping", "~callbacks.model_checkpoint"], "callbacks.early_stopping.monitor='val/acc'"),
+    ],
+)
+def test_watching_a_val_metric_without_validation_is_refused_before_any_work(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, overrides: list[str], key: str
+) -> None:
+    cfg = compose_train(tmp_path / "run", synthetic_mnist, "data.val_size=0", *overrides)
+    with pytest.raises(ConfigError) as error:
+        experiment.build_run(cfg)
+    name = key.split(".monitor")[0]
+    assert str(error.value) == (
+        f"{key} is not allowed: data.val_size=0 holds out no validation images to measure it on; remove the "
+        f"callback with ~{name} (the run then tests its last epoch), or monitor a train/ metric."
+    )
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+def test_without_validation_a_train_metric_may_still_be_watched(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    cfg = compose_train(
+        tmp_path / "run", synthetic_mnist, "data.val_size=0", "callbacks.model_checkpoint.monitor=train/acc"
+    )
+    _, _, trainer = experiment.build_run(cfg)
+    assert trainer.checkpoint_callback.monitor == "train/acc" and trainer.limit_val_batches == 0
+
+
+# --------------------------------------------------------------------------------------- k-fold
+
+
+def test_folds_run_as_a_multirun_and_the_report_gives_their_mean_and_std(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = [override for override in synthetic_mnist.overrides(tmp_path / "data") if "val_size" not in override]
+    result = run_module(
+        "mnist_lit.train",
+        "-m",
+        "data.folds=3",
+        "data.fold=0,1,2",
+        *FAST_TRAIN,
+        "trainer.max_epochs=1",
+        "model.hidden=[16]",
+        "logger=none",
+        *data,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (sweep,) = (tmp_path / "outputs" / "multiruns").iterdir()
+    jobs = [sweep / str(job) for job in range(3)]
+    for fold, job in enumerate(jobs):
+        data_hparams = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["datamodule_hyper_parameters"]
+        assert (data_hparams["folds"], data_hparams["fold"]) == (3, fold)
+    val_acc = [json.loads((job / "metrics.json").read_text())["val/acc_best"] for job in jobs]
+    test_acc = [json.loads((job / "metrics.json").read_text())["test/acc"] for job in jobs]
+
+    report.main([str(sweep), "--by-fold"])
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| data.folds=3")]
+    cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+    assert cells[1] == "3 of 3 (0,1,2)"
+    assert cells[4] == f"{statistics.fmean(test_acc):.4f} ± {statistics.stdev(test_acc):.4f}"
+    assert cells[5] == f"{statistics.fmean(val_acc):.4f} ± {statistics.stdev(val_acc):.4f}"
+
+
+# ------------------------------------------------------------------------------------ resume=latest
+
+
+def make_run(runs: Path, name: str, written: float, metrics: dict | None = None, checkpoint: bool = True) -> Path:
+    """A run folder as training leaves it: its overrides, maybe a last.ckpt written at `written`, maybe metrics.json."""
+    run = runs / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(f"- seed={len(name)}\n")
+    if checkpoint:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        os.utime(run / "checkpoints" / "last.ckpt", (written, written))
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_resume_latest_picks_the_run_whose_last_checkpoint_is_newest_among_the_unfinished_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "outputs" / "runs"
+    make_run(runs, "completed", 5e8, {"status": "completed"})
+    make_run(runs, "diverged", 4e8, {"status": "diverged"})
+    make_run(runs, "no_checkpoint", 0, checkpoint=False)
+    killed = make_run(runs, "killed", 3e8)
+    interrupted = make_run(runs, "interrupted", 2e8, {"status": "interrupted", "signal": "SIGTERM"})
+    root = f"paths.output_root={tmp_path / 'outputs'}"
+
+    args = expand_resume(["resume=latest", root, "trainer.max_epochs=20"])
+    assert args[:3] == ["seed=6", root, "trainer.max_epochs=20"]
+    assert args[3] == f"hydra.run.dir='{killed}'"
+    assert args[-1] == f"ckpt_path='{killed / 'checkpoints' / 'last.ckpt'}'"
+    assert f"resume=latest: continuing {killed} (no metrics.json: killed or crashed" in capsys.readouterr().out
+
+    (killed / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    assert f"hydra.run.dir='{interrupted}'" in expand_resume(["resume=latest", root])
+    assert f"continuing {interrupted} (interrupted by SIGTERM; last.ckpt written " in capsys.readouterr().out
+
+
+def test_resume_latest_says_so_when_no_run_qualifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path / "outputs" / "runs", "completed", 5e8, {"status": "completed"})
+    with pytest.raises(ConfigError) as error:
+        expand_resume(["resume=latest"])
+    assert str(error.value) == (
+        "resume=latest: no run under outputs/runs has a checkpoints/last.ckpt and is unfinished (completed, diverged "
+        "and pruned runs are done); give the run folder instead: resume=outputs/runs/<run>."
+    )
+
+
+# ---------------------------------------------------------------------------- the Ladder paper's baseline
+
+
+def test_the_ladder_baseline_preset_is_the_papers_protocol(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", "experiment=ladder_baseline"])
+    datamodule, model, trainer = experiment.build_run(cfg)
+    # All 60k images train, no validation runs, and the last epoch is the one tested.
+    assert not datamodule.validates and trainer.limit_val_batches == 0
+    assert trainer.checkpoint_callback.monitor is None and trainer.checkpoint_callback.filename == "last"
+    assert (datamodule.batch_size, trainer.max_epochs) == (100, 150)
+    hp = model.hparams
+    assert (hp.optimizer, hp.lr, hp.scheduler) == ("adam", 0.002, "decay_last_third")
+    # 600 steps an epoch: lr 0.002 through epoch 100, half of it at epoch 125, none after epoch 150.
+    factor = DecayLastThird(150 * 600)
+    assert [factor(epoch * 600) for epoch in (0, 100, 125, 150)] == [1.0, 1.0, 0.5, 0.0]
+    # Noise std 0.3 on the 0-1 pixels (normalized by std 0.3081), 0.5 on every batch-normalized layer.
+    assert hp.input_noise * datamodule.std == pytest.approx(0.3, abs=1e-3) and hp.noise == 0.5
+    assert hp.batch_norm and list(hp.hidden) == [1000, 500, 250, 250, 250]
