@@ -292,6 +292,35 @@ def time_startup(repeats: int) -> dict[str, float]:
     return {name: round(statistics.median(values), 3) for name, values in seconds.items()}
 
 
+def time_whole_runs(repeats: int, data_dir: Path, scratch: Path) -> dict[str, Any]:
+    """The default run end to end (`python -m mnist_lit.train`: 10 epochs, validation after each,
+    checkpoints, TensorBoard, the test) and `mnist_lit.plain_loop` doing the same work, as whole
+    processes, interleaved; wall seconds of each, their median ratio and each one's test accuracy."""
+    import json
+
+    commands = {
+        "mnist_lit": lambda out: [sys.executable, "-m", "mnist_lit.train", f"hydra.run.dir={out}"],
+        "plain": lambda out: [sys.executable, "-m", "mnist_lit.plain_loop", "--data", str(data_dir), "--out", str(out)],
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in commands}
+    accuracy: dict[str, list[float]] = {name: [] for name in commands}
+    for repeat in range(repeats):
+        for name, command in commands.items():
+            out = scratch / f"whole-{name}-{repeat}"
+            out.mkdir(parents=True)
+            started = time.perf_counter()
+            subprocess.run(command(out), check=True, capture_output=True)
+            seconds[name].append(time.perf_counter() - started)
+            accuracy[name].append(json.loads((out / "metrics.json").read_text())["test/acc"])
+    ratio = statistics.median(m / p for m, p in zip(seconds["mnist_lit"], seconds["plain"], strict=True))
+    return {
+        "seconds": {name: [round(value, 2) for value in values] for name, values in seconds.items()},
+        "median_s": {name: round(statistics.median(values), 2) for name, values in seconds.items()},
+        "test_acc": accuracy,
+        "ratio": round(ratio, 3),
+    }
+
+
 def median_ratio(numerators: list[Timing], denominators: list[Timing], clock: str) -> float:
     """Median over rounds of the ratio of epoch times of the same round."""
     return statistics.median(
@@ -338,7 +367,8 @@ def print_report(report: dict[str, Any]) -> None:
 
     machine = report["machine"]
     rich_print(
-        f"[bold]{machine['device_name']}[/bold] ({machine['device']}), {machine['threads']} torch thread(s), "
+        f"[bold]{machine['device_name']}[/bold] ({machine['device']}; CPU {machine['cpu']}, "
+        f"{' '.join(machine['cpu_flags']) or 'no AVX2/AVX-512/AMX'}), {machine['threads']} torch thread(s), "
         f"torch {machine['torch']}, lightning {machine['lightning']}; load average "
         f"{machine['load_before']} before, {machine['load_after']} after; median of {report['repeats']} runs"
     )
@@ -366,6 +396,13 @@ def print_report(report: dict[str, Any]) -> None:
             else:
                 what = f"{METHODS[numerator][:3]}/{METHODS[denominator][:3]}"
             rich_print(f"  time {what} ({name}): {ratio['wall']:.2f} wall, {ratio['cpu']:.2f} CPU")
+    if "whole_run" in report:
+        whole = report["whole_run"]
+        rich_print(
+            f"whole default run (10 epochs, validation, test), median of {len(whole['seconds']['plain'])}: "
+            f"mnist_lit {whole['median_s']['mnist_lit']:.1f} s, plain PyTorch script "
+            f"{whole['median_s']['plain']:.1f} s: {whole['ratio']:.2f}x"
+        )
     if "startup_s" in report:
         startup = report["startup_s"]
         rich_print(
@@ -397,6 +434,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
     parser.add_argument("--no-startup", action="store_true", help="skip timing the startup commands")
     parser.add_argument(
+        "--whole-runs",
+        type=int,
+        default=3,
+        metavar="N",
+        help="time the default run and mnist_lit.plain_loop as whole processes N times each (0: skip)",
+    )
+    parser.add_argument(
         "--compare",
         action="append",
         default=[],
@@ -420,6 +464,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from mnist_lit.config import build
     from mnist_lit.errors import ConfigError
     from mnist_lit.run import build_run
+    from mnist_lit.speed import cpu_flags
     from mnist_lit.startup import prepare_process
 
     prepare_process()  # as every command does: the timed runs get the speed tricks a training run gets
@@ -475,6 +520,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if use_cuda else cpu_name(),
+            "cpu": cpu_name(),
+            "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
             "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -502,6 +549,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["batch_sizes"][str(batch_size)] = {"steps": steps, "samples": samples, **summarize(timings, samples)}
     report["machine"]["load_after"] = [round(load, 2) for load in os.getloadavg()]
     scratch_dir.cleanup()
+    if args.whole_runs:
+        whole_dir = tempfile.TemporaryDirectory(prefix="mnist_lit_bench_whole_")
+        report["whole_run"] = time_whole_runs(args.whole_runs, datamodule.raw_dir, Path(whole_dir.name))
+        whole_dir.cleanup()
     if not args.no_startup:
         report["startup_s"] = time_startup(args.repeats)
     return report

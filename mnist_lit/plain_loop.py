@@ -1,0 +1,83 @@
+"""The default run as a plain PyTorch script: the floor `make bench` measures whole runs against.
+
+The same work as `python -m mnist_lit.train` with the defaults, without a framework: read and
+normalize MNIST, the 55k/5k split, 10 epochs of the 784-128-64-10 ReLU MLP with Adam and a
+OneCycle schedule at batch 64, validation accuracy after every epoch, a checkpoint of the best,
+and the official test set on it. No config, logging, metrics library or resumability.
+
+    python -m mnist_lit.plain_loop --data ../shared/mnist --out /tmp/plain
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mnist_lit.data import ensure_mnist, load_split
+from mnist_lit.mnist import IMAGE_SIZE, MNIST_MEAN, MNIST_SHA256, MNIST_STD, NUM_CLASSES
+
+
+def accuracy(net: nn.Module, images: Tensor, labels: Tensor) -> float:
+    net.eval()
+    with torch.no_grad():
+        correct = sum(
+            (net(images[i : i + 1000]).argmax(1) == labels[i : i + 1000]).sum().item()
+            for i in range(0, len(labels), 1000)
+        )
+    net.train()
+    return correct / len(labels)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mnist_lit.plain_loop", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="folder with the four MNIST files (gzipped or not)")
+    parser.add_argument("--out", type=Path, required=True, help="where the checkpoint and metrics.json go")
+    parser.add_argument("--epochs", type=int, default=10)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    torch.set_num_threads(1)
+    torch.manual_seed(42)
+    raw = args.out / "MNIST" / "raw"
+    ensure_mnist(raw, str(args.data), MNIST_SHA256)
+    images, labels = load_split(raw, train=True, mean=MNIST_MEAN, std=MNIST_STD)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234))
+    val_rows, train_rows = order[:5000], order[5000:]
+    train_x, train_y, val_x, val_y = images[train_rows], labels[train_rows], images[val_rows], labels[val_rows]
+
+    net = nn.Sequential(
+        nn.Linear(IMAGE_SIZE, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES)
+    )
+    steps_per_epoch = -(-len(train_y) // 64)
+    optimizer = torch.optim.Adam(net.parameters(), lr=4e-3, fused=True)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=4e-3, total_steps=args.epochs * steps_per_epoch)
+    best = 0.0
+    for epoch in range(args.epochs):
+        shuffled = torch.randperm(len(train_y))
+        for start in range(0, len(train_y), 64):
+            rows = shuffled[start : start + 64]
+            loss = F.cross_entropy(net(train_x.index_select(0, rows)), train_y.index_select(0, rows))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        val_acc = accuracy(net, val_x, val_y)
+        if val_acc > best:
+            best = val_acc
+            torch.save(net.state_dict(), args.out / "best.pt")
+        print(f"epoch {epoch + 1}/{args.epochs}  val/acc {val_acc:.4f}", flush=True)
+    net.load_state_dict(torch.load(args.out / "best.pt", weights_only=True))
+    test_x, test_y = load_split(raw, train=False, mean=MNIST_MEAN, std=MNIST_STD)
+    metrics = {"test/acc": accuracy(net, test_x, test_y), "val/acc_best": best}
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(metrics)
+
+
+if __name__ == "__main__":
+    main()
