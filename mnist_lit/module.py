@@ -222,11 +222,20 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=labels.shape[0], sync_dist=True)
         return loss
 
-    def training_step(self, chunk: TrainingChunk, batch_idx: int) -> dict[str, Tensor]:
-        """One optimizer step per batch of `chunk`: what Lightning's automatic optimization does
-        with one call per batch (zero_grad, backward, clipping, step, schedule), in the same order,
-        so the weights are the same to the last bit, while Lightning's own work per call (hooks,
-        progress, logging) is done once per chunk. Returns each batch's loss and learning rate."""
+    def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The logits of a training batch and each image's loss."""
+        logits = self.net(self.augment(images))
+        # Smoothing only the training targets keeps val/ and test/loss the plain cross-entropy, so
+        # they compare across runs with and without it.
+        return logits, F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: TrainingChunk | tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """One optimizer step per batch of a `TrainingChunk` (data.batches_per_call of them): what
+        Lightning's automatic optimization does with one call per batch (zero_grad, backward,
+        clipping, step, schedule), in the same order, so the weights are the same to the last bit,
+        while Lightning's own work per call (hooks, progress, logging) is done once per chunk.
+        Returns each batch's loss and learning rate."""
+        chunk = batch if isinstance(batch, TrainingChunk) else TrainingChunk(batch_idx, [tuple(batch)])
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         backward, step = self.step_functions
         settings = self.step_settings
@@ -236,10 +245,7 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
         for index, (images, labels) in enumerate(chunk.batches, start=chunk.first):
             if 0 <= self.trainer.max_steps <= self.trainer.global_step:
                 break  # the chunk reaches past trainer.max_steps
-            logits = self.net(self.augment(images))
-            # Smoothing only the training targets keeps val/ and test/loss the plain cross-entropy,
-            # so they compare across runs with and without it.
-            per_image = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.hparams.label_smoothing)
+            logits, per_image = self.training_losses(images, labels)
             self.train_inputs.add(logits.argmax(dim=1), labels, per_image)
             loss = per_image.mean()
             losses.append(loss.detach())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -181,11 +182,7 @@ def test_the_learning_rate_monitor_logs_every_nth_step_of_calls_of_several(tmp_p
         def log_metrics(self, metrics: dict[str, float], step: int) -> None:
             logged.append((step, metrics["train/lr"]))
 
-    class Trainer:
-        global_step = 12
-        log_every_n_steps = 5
-        loggers = [Logger()]
-
+    trainer = SimpleNamespace(global_step=12, log_every_n_steps=5, loggers=[Logger()])
     outputs = {"loss": torch.zeros(6), "lr": torch.tensor([0.6, 0.7, 0.8, 0.9, 1.0, 1.1], dtype=torch.float64)}
-    monitor.on_train_batch_end(Trainer(), None, outputs, None, 1)  # steps 6..11 (0-based) just taken
+    monitor.on_train_batch_end(trainer, None, outputs, None, 1)  # steps 6..11 (0-based) just taken
     assert logged == [(9, 0.9)]  # before the 10th step, as Lightning logs with one step per call

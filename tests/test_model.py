@@ -150,7 +150,7 @@ def test_label_smoothing_changes_the_training_loss_only() -> None:
     log_p = torch.log_softmax(images, dim=1)
     # Targets 0.9 for the label and 0.1 for the other class: (1 - 0.2) one-hot + 0.2 / 2 classes.
     smoothed = -(0.9 * log_p[:, 0] + 0.1 * log_p[:, 1]).mean()
-    assert module.training_step((images, labels), 0).item() == pytest.approx(smoothed.item())
+    assert module.training_losses(images, labels)[1].mean().item() == pytest.approx(smoothed.item())
     with pytest.warns(UserWarning, match="self.log"):  # no Trainer attached to log to
         plain = module._shared_step((images, labels), "val", module.val_metrics)
     assert plain.item() == pytest.approx(-log_p[:, 0].mean().item())
@@ -180,6 +180,19 @@ def test_optimizer_choice(optimizer: str, expected: type) -> None:
         assert built.param_groups[0]["momentum"] == 0.8 and built.param_groups[0]["nesterov"]
 
 
+def planning_trainer(module: MNISTClassifier, steps: int) -> SimpleNamespace:
+    """What configure_optimizers asks of a Trainer fitting one epoch of `steps` batches, one per call."""
+    return SimpleNamespace(
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
+        estimated_stepping_batches=steps,
+        num_training_batches=steps,
+        train_dataloader=None,
+        max_epochs=1,
+        max_steps=-1,
+        lightning_module=module,
+    )
+
+
 @pytest.mark.parametrize(
     ("scheduler", "expected"),
     [("onecycle", torch.optim.lr_scheduler.OneCycleLR), ("cosine", torch.optim.lr_scheduler.CosineAnnealingLR)],
@@ -187,10 +200,7 @@ def test_optimizer_choice(optimizer: str, expected: type) -> None:
 def test_schedules_step_every_batch_over_the_whole_run(scheduler: str, expected: type) -> None:
     module = MNISTClassifier(hidden=[8], scheduler=scheduler)
 
-    class FakeTrainer:
-        estimated_stepping_batches = 1234
-
-    module._trainer = FakeTrainer()  # type: ignore[assignment]
+    module._trainer = planning_trainer(module, 1234)  # type: ignore[assignment]
     built = module.configure_optimizers()
     lr_scheduler = built["lr_scheduler"]
     assert isinstance(lr_scheduler["scheduler"], expected)
@@ -204,10 +214,7 @@ def test_decay_last_third_holds_the_rate_then_decays_it_linearly_to_zero_over_th
 ) -> None:
     module = MNISTClassifier(hidden=[8], lr=0.002, scheduler="decay_last_third")
 
-    class FakeTrainer:
-        estimated_stepping_batches = 30
-
-    module._trainer = FakeTrainer()  # type: ignore[assignment]
+    module._trainer = planning_trainer(module, 30)  # type: ignore[assignment]
     built = module.configure_optimizers()
     optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
     assert built["lr_scheduler"]["interval"] == "step"
@@ -224,7 +231,7 @@ def test_decay_last_third_holds_the_rate_then_decays_it_linearly_to_zero_over_th
     torch.save({"lr_schedulers": [scheduler.state_dict()]}, tmp_path / "schedule.pt")
     checkpoint = torch.load(tmp_path / "schedule.pt", weights_only=True)
     assert checkpoint["lr_schedulers"][0]["lr_lambdas"] == [{"total_steps": 30}]
-    longer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), estimated_stepping_batches=60)
+    longer = planning_trainer(module, 60)
     with pytest.raises(ConfigError, match=r"plans 60 optimizer steps, .*decay_last_third was laid out over 30 steps"):
         check_schedule_length(longer, module, checkpoint)  # type: ignore[arg-type]
 

@@ -246,7 +246,8 @@ def test_an_exploding_loss_stops_training_at_once_naming_the_step_and_the_causes
     assert "Traceback" not in result.stdout + result.stderr
     run_dir = only_run(tmp_path)
     metrics = read_metrics(run_dir)
-    assert metrics["status"] == "diverged" and metrics["global_step"] == 2
+    # Checked after each call of training_step, which takes data.batches_per_call=8 steps.
+    assert metrics["status"] == "diverged" and metrics["global_step"] == 8
     assert "at step 2" in metrics["error"]
     assert not (run_dir / "checkpoints").exists()
 
@@ -254,9 +255,9 @@ def test_an_exploding_loss_stops_training_at_once_naming_the_step_and_the_causes
 class BecomesNaN(MNISTClassifier):
     """A model whose loss turns NaN at step 16, in the middle of its second epoch of 10 steps."""
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        return loss * float("nan") if self.global_step >= 15 else loss
+    def training_losses(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, losses = super().training_losses(images, labels)
+        return logits, losses * float("nan") if self.global_step >= 15 else losses
 
 
 def test_a_nan_loss_keeps_the_checkpoints_of_the_last_good_epoch(
@@ -289,6 +290,7 @@ def test_where_reading_the_loss_is_costly_it_is_checked_every_few_steps_naming_t
         world_size=2,
         strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
         num_training_batches=40,
+        train_dataloader=SimpleNamespace(num_batches=40),
         current_epoch=0,
         global_step=0,
         optimizers=[SimpleNamespace(param_groups=[{"lr": 0.1}])],
