@@ -27,8 +27,8 @@ train: $(INSTALLED)  ## the default 784-128-64-10 MLP; extra overrides: make tra
 test: $(INSTALLED)  ## everything, the slow real-MNIST tests included (they need MNIST_MIRROR or the network)
 	$(PYTHON) -m pytest $(PARALLEL)
 
-test-fast: $(INSTALLED)  ## the tests without the slow real-MNIST ones: no dataset needed
-	$(PYTHON) -m pytest $(PARALLEL) -m "not slow"
+test-fast: $(INSTALLED)  ## the tests without the slow real-MNIST ones and the browser ones: no dataset, no Chromium
+	$(PYTHON) -m pytest $(PARALLEL) -m "not slow and not browser"
 
 sweep: $(INSTALLED)  ## 4 jobs: two architectures x two learning rates; side by side: ARGS=hydra/launcher=joblib
 	$(PYTHON) -m mnist_lit.train -m 'model.hidden=[128,64],[256,128]' model.lr=1e-3,3e-3 $(ARGS)

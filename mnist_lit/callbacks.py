@@ -1,8 +1,9 @@
 """Callbacks of our own, entries of the `callbacks` config: the progress display (a bar, or one
 plain line per epoch when output is not a terminal), stopping on a non-finite or exploding loss,
-what TensorBoard shows beyond scalars (test report, histograms), and `EndsRunEarly`, the contract of
-a callback that ends a run on purpose. (The signal stop of exact resume is in mnist_lit/resume.py,
-an Optuna trial's pruning in mnist_lit/search/pruning.py.)"""
+what TensorBoard shows beyond scalars (test report, histograms; the views of the model itself are
+in mnist_lit/views.py), and `EndsRunEarly`, the contract of a callback that ends a run on purpose.
+(The signal stop of exact resume is in mnist_lit/resume.py, an Optuna trial's pruning in
+mnist_lit/search/pruning.py.)"""
 
 from __future__ import annotations
 

@@ -231,7 +231,7 @@ def register() -> None:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
-    from mnist_lit import callbacks
+    from mnist_lit import callbacks, views
     from mnist_lit.augment import BatchAugment
     from mnist_lit.data import MNISTDataModule
     from mnist_lit.module import MNISTClassifier
@@ -260,6 +260,10 @@ def register() -> None:
         "stop_on_divergence": callbacks.StopOnDivergence,
         "test_report": callbacks.ClassificationReport,
         "histograms": callbacks.ParameterHistograms,
+        "embeddings": views.Embeddings,
+        "pr_curves": views.PRCurves,
+        "first_layer": views.FirstLayerWeights,
+        "graph": views.ModelGraph,
         "progress": callbacks.progress_display,
     }.items():
         store.store(group="schema/callbacks", name=name, node=schema(target))

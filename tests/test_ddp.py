@@ -19,10 +19,13 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util.tensor_util import make_ndarray
 
 from mnist_lit.config import register, to_plain
 from mnist_lit.model import MLP
 from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_module, train_on_synthetic
+from tests.test_views import read_projection
 
 # 500 training images, 2 ranks of 250, batches of 50: 5 steps per epoch (one process takes 10).
 DDP_TRAIN = [*(arg for arg in FAST_TRAIN if not arg.startswith("trainer=")), "trainer=ddp_cpu", "model.hidden=[16]"]
@@ -77,6 +80,18 @@ def test_ddp_trains_on_shards_and_reports_synced_metrics(
     assert metrics["global_step"] == 2 * STEPS_PER_EPOCH
     assert Path(metrics["ckpt_path"]).parent == run_dir / "checkpoints"
     assert metrics["test/acc"] > 0.5
+
+
+def test_ddp_views_of_the_model_cover_the_whole_test_set(
+    ddp_run: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    """Rank 0 writes them from the datamodule's test tensors, not from its half of the test batches."""
+    run_dir, _ = ddp_run
+    assert read_projection(run_dir).vectors.shape == (200, 16)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tp, fp, tn, fn, *_ = make_ndarray(events.Tensors("test/pr_curve/class_0")[0].tensor_proto)
+    assert (tp + fp + tn + fn == 200).all()
 
 
 def test_ddp_test_metrics_equal_a_single_process_eval(

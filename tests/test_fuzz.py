@@ -156,6 +156,8 @@ CONFIG_VALUES = {
     "callbacks.early_stopping.patience": st.integers(-2, 5),
     "callbacks.early_stopping.min_delta": finite_or_not,
     "callbacks.stop_on_divergence.max_loss": st.none() | finite_or_not,
+    "callbacks.embeddings.num_digits": st.integers(-3, 10**5),
+    "callbacks.first_layer.max_units": st.integers(-3, 10**3),
 }
 
 

@@ -6,18 +6,20 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util.tensor_util import make_ndarray
 
 from mnist_lit.callbacks import ClassificationReport, ParameterHistograms
 from mnist_lit.run import build_callbacks
-from tests.conftest import FAST_TRAIN, SyntheticMNIST, run_module
+from tests.conftest import FAST_TRAIN, SyntheticMNIST, make_digits, run_module
 from tests.test_config import compose_train
+from tests.test_views import read_projection
 
 FIGURES = {"test/confusion_matrix", "test/per_class", "test/misclassified"}
 PARAMETERS = {f"net.layers.{index}.{kind}" for index in (1, 3, 5) for kind in ("weight", "bias")}
 
 
 @pytest.fixture(scope="module")
-def events(synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFactory) -> EventAccumulator:
+def run_dir(synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("tensorboard")
     result = run_module(
         "mnist_lit.train",
@@ -29,7 +31,12 @@ def events(synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFac
         cwd=workdir,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    (run_dir,) = (workdir / "outputs" / "runs").iterdir()
+    (folder,) = (workdir / "outputs" / "runs").iterdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def events(run_dir: Path) -> EventAccumulator:
     # size_guidance 0: keep every event, not TensorBoard's sample of them.
     accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
     accumulator.Reload()
@@ -37,7 +44,7 @@ def events(synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFac
 
 
 def test_test_figures_are_images(events: EventAccumulator) -> None:
-    assert set(events.Tags()["images"]) >= FIGURES
+    assert set(events.Tags()["images"]) == {*FIGURES, "weights/first_layer"}
     sizes = {}
     for tag in FIGURES:
         (image,) = events.Images(tag)
@@ -78,6 +85,38 @@ def test_weight_and_gradient_histograms_once_per_epoch(events: EventAccumulator)
     assert weights[0].histogram_value.num == 784 * 128
     gradient = events.Histograms("gradients/net.layers.1.weight")[-1].histogram_value
     assert gradient.num == 784 * 128 and gradient.max > gradient.min
+
+
+def test_embeddings_are_the_last_hidden_layer_of_every_test_digit(run_dir: Path) -> None:
+    projection = read_projection(run_dir)
+    assert projection.name == "last_hidden_layer"
+    # All 200 synthetic test digits (fewer than 2,000), 64 ReLU activations each.
+    assert projection.vectors.shape == (200, 64) and projection.vectors.min() >= 0
+    _, labels = make_digits(200, seed=1)
+    assert [int(row[0]) for row in projection.metadata[1:]] == labels.tolist()
+
+
+def test_a_precision_recall_curve_per_digit(events: EventAccumulator) -> None:
+    for digit in range(10):
+        tag = f"test/pr_curve/class_{digit}"
+        assert events.SummaryMetadata(tag).plugin_data.plugin_name == "pr_curves"
+        (event,) = events.Tensors(tag)
+        assert event.step == 20
+        # Per threshold, from 0 up: true and false positives, true and false negatives, precision, recall.
+        tp, fp, tn, fn, precision, recall = make_ndarray(event.tensor_proto)
+        assert (tp + fn == 20).all() and (tp + fp + tn + fn == 200).all()  # 20 of each digit
+        assert recall[0] == 1.0 and precision[0] == pytest.approx(0.1)  # threshold 0: every digit is this one
+
+
+def test_first_layer_weights_at_the_start_and_every_epoch(events: EventAccumulator) -> None:
+    grids = events.Images("weights/first_layer")
+    assert [image.step for image in grids] == [0, 10, 20]
+    assert {(image.width, image.height) for image in grids} == {(233, 233)}  # 64 of 128 units, 8 by 8
+
+
+def test_the_graph_is_the_mlp(events: EventAccumulator) -> None:
+    operations = [node.op for node in events.Graph().node]
+    assert operations.count("aten::linear") == 3 and operations.count("aten::relu") == 2
 
 
 def test_histograms_are_off_by_default_and_the_test_report_on(tmp_path: Path) -> None:
