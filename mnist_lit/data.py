@@ -293,7 +293,7 @@ class MNISTDataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
         batch_size: int = 64,
         eval_batch_size: int = 1000,
-        batches_per_call: int = 8,
+        batches_per_call: int = 32,
         mean: float = MNIST_MEAN,
         std: float = MNIST_STD,
     ) -> None:

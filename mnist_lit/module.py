@@ -241,9 +241,11 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
         settings = self.step_settings
         accumulate = settings.accumulate_grad_batches
         ends_epoch = batch_idx + 1 == self.trainer.num_training_batches
+        max_steps = self.trainer.max_steps
+        steps_left = max_steps - self.trainer.global_step if max_steps >= 0 else math.inf
         losses, learning_rates = [], []
         for index, (images, labels) in enumerate(chunk.batches, start=chunk.first):
-            if 0 <= self.trainer.max_steps <= self.trainer.global_step:
+            if steps_left <= 0:
                 break  # the chunk reaches past trainer.max_steps
             logits, per_image = self.training_losses(images, labels)
             self.train_inputs.add(logits.argmax(dim=1), labels, per_image)
@@ -260,6 +262,7 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
             if settings.gradient_clip_val:
                 self._clip_gradients(settings.gradient_clip_val, settings.gradient_clip_algorithm or "norm")
             step()
+            steps_left -= 1
             if scheduler is not None:
                 scheduler.step()
             if self.hparams.max_norm is not None:

@@ -246,8 +246,9 @@ def test_an_exploding_loss_stops_training_at_once_naming_the_step_and_the_causes
     assert "Traceback" not in result.stdout + result.stderr
     run_dir = only_run(tmp_path)
     metrics = read_metrics(run_dir)
-    # Checked after each call of training_step, which takes data.batches_per_call=8 steps.
-    assert metrics["status"] == "diverged" and metrics["global_step"] == 8
+    # Checked after each call of training_step, which takes data.batches_per_call=32 steps, here
+    # the epoch's 10.
+    assert metrics["status"] == "diverged" and metrics["global_step"] == 10
     assert "at step 2" in metrics["error"]
     assert not (run_dir / "checkpoints").exists()
 

@@ -3,18 +3,27 @@ torchmetrics changes one, its test here fails (instead of the trick silently doi
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from torchmetrics.utilities.data import dim_zero_sum
 
+from mnist_lit import speed
+from mnist_lit.config import register
 from mnist_lit.module import MNISTClassifier, classification_metrics
-from mnist_lit.speed import HOOK_NAME_ATTRIBUTE, NVML_CHECK, PlainHookName
+from mnist_lit.speed import HOOK_NAME_ATTRIBUTE, LOGGED_STEP_ATTRIBUTE, NVML_CHECK, PER_STEP_HOOKS, PlainHookName
 from mnist_lit.startup import prepare_process
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import CONF_DIR, PROJECT_ROOT
+
+register()
 
 
 def test_lightning_still_sets_the_nvml_check_on_import_and_a_command_start_removes_it() -> None:
@@ -76,3 +85,97 @@ def test_a_command_start_is_idempotent() -> None:
     prepare_process()
     filters = logging.getLogger("lightning.pytorch.utilities.rank_zero").filters
     assert len([f for f in filters if getattr(f, "__name__", "") == "_no_advertising"]) == 1
+
+
+class RecordsHooksInSteps(L.Callback):
+    """Notes every callback hook Lightning calls while the module's training_step runs."""
+
+    def __init__(self) -> None:
+        self.inside: list[str] = []
+        self.in_step = False
+
+
+def record(name: str) -> Any:
+    def hook(self: RecordsHooksInSteps, *args: Any, **kwargs: Any) -> None:
+        if self.in_step:
+            self.inside.append(name)
+
+    return hook
+
+
+for _name in dir(L.Callback):
+    if _name.startswith("on_") and callable(getattr(L.Callback, _name)):
+        setattr(RecordsHooksInSteps, _name, record(_name))
+
+
+class TwoManualSteps(L.LightningModule):
+    def __init__(self, recorder: RecordsHooksInSteps) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = torch.nn.Linear(4, 2)
+        self.recorder = recorder
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        self.recorder.in_step = True
+        for _ in range(2):
+            optimizer.zero_grad()
+            self.manual_backward(self.layer(batch[0]).sum())
+            optimizer.step()
+        self.recorder.in_step = False
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_per_step_hooks_are_all_that_lightning_calls_around_a_manual_step() -> None:
+    """optimizer_step_functions skips Lightning's backward and step only where nothing overrides
+    PER_STEP_HOOKS: Lightning must call no other hook inside training_step, and must still count
+    the steps through the LightningOptimizer's _on_before_step/_on_after_step."""
+    recorder = RecordsHooksInSteps()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[recorder],
+    )  # fmt: skip
+    trainer.fit(TwoManualSteps(recorder), data)
+    assert sorted(set(recorder.inside)) == sorted(PER_STEP_HOOKS)
+    assert len(recorder.inside) == 2 * 2 * len(PER_STEP_HOOKS)  # 2 calls of 2 steps
+    assert trainer.global_step == 4
+    optimizer = trainer.optimizers[0]
+    lightning_optimizer = trainer.strategy._lightning_optimizers[0]
+    assert lightning_optimizer.optimizer is optimizer
+    assert callable(lightning_optimizer._on_before_step) and callable(lightning_optimizer._on_after_step)
+
+
+def test_lightning_logs_at_the_step_count_the_module_keeps_in_optimizer_steps() -> None:
+    trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    assert LOGGED_STEP_ATTRIBUTE in trainer.fit_loop.epoch_loop.state_dict()["state_dict"]
+    source = inspect.getsource(type(trainer._logger_connector))
+    assert f"epoch_loop.{LOGGED_STEP_ATTRIBUTE}" in source  # the step loggers are given
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "flags", "expected", "why"),
+    [
+        ("cpu", {"avx2", "avx512_bf16"}, "bf16-mixed", "this CPU has avx512_bf16"),
+        ("cpu", {"avx2", "amx_bf16", "amx_tile"}, "bf16-mixed", "this CPU has amx_bf16"),
+        ("cpu", {"avx2", "avx512f"}, "32-true", "this CPU lacks avx512_bf16 and amx_bf16"),
+        ("gpu", {"avx512_bf16"}, "32-true", "on a GPU these small MLPs run slower with bf16"),
+    ],
+)
+def test_presets_ask_for_bf16_only_where_it_is_faster(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, accelerator: str, flags: set[str], expected: str, why: str
+) -> None:
+    monkeypatch.setattr(speed, "cpu_flags", lambda: flags)
+    assert speed.native_bf16(accelerator)[1].startswith(why)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", "experiment=best_mlp"])
+    cfg.trainer.accelerator = accelerator
+    assert cfg.trainer.precision == expected
+
+
+def test_cpu_flags_are_read_from_this_machine() -> None:
+    flags = speed.cpu_flags()
+    if sys.platform == "linux":
+        assert "fpu" in flags or "fp" in flags or "neon" in flags  # x86 or ARM
