@@ -312,13 +312,15 @@ def misclassified_figure(pixels: Tensor, labels: Tensor, predicted: Tensor, conf
 
 
 class ParameterHistograms(Callback):
-    """Histograms of every weight and of its gradient in TensorBoard, at the end of every training
-    epoch: the weights after its last optimizer step, the gradients of that step.
+    """Histograms of every weight and of its gradient in TensorBoard, after every epoch's last
+    training step (before validation clears the gradients): the weights it left, its gradients.
     Off by default: each costs a pass over all parameters."""
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         writer = tensorboard_writer(trainer)
-        if writer is None:
+        if writer is None or batch_idx + 1 != trainer.num_training_batches:
             return
         for name, parameter in pl_module.named_parameters():
             writer.add_histogram(f"weights/{name}", parameter, trainer.global_step)

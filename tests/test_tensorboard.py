@@ -81,7 +81,7 @@ def test_weight_and_gradient_histograms_once_per_epoch(events: EventAccumulator)
     histograms = set(events.Tags()["histograms"])
     assert histograms == {f"{kind}/{name}" for kind in ("weights", "gradients") for name in PARAMETERS}
     weights = events.Histograms("weights/net.layers.1.weight")
-    assert [event.step for event in weights] == [9, 19]  # the last step of each epoch
+    assert [event.step for event in weights] == [10, 20]  # after the last step of each epoch
     assert weights[0].histogram_value.num == 784 * 128
     gradient = events.Histograms("gradients/net.layers.1.weight")[-1].histogram_value
     assert gradient.num == 784 * 128 and gradient.max > gradient.min
