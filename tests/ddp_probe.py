@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch import Tensor
 
-from mnist_lit.data import MNISTDataModule
+from mnist_lit.data import MNISTDataModule, TrainingChunk
 from mnist_lit.module import MNISTClassifier
 
 
@@ -33,7 +34,8 @@ class RowRecorder(L.Callback):
         self.seen[key].extend(self.row_of[split][image.numpy().tobytes()] for image in images)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._record(f"train/{trainer.current_epoch}", "train", batch[0])
+        images = torch.cat([images for images, _ in batch.batches]) if isinstance(batch, TrainingChunk) else batch[0]
+        self._record(f"train/{trainer.current_epoch}", "train", images)
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, *args: Any) -> None:
         self._record(f"val/{trainer.current_epoch}", "val", batch[0])
