@@ -261,3 +261,16 @@ def test_submitit_local_runs_the_ranks_as_slurm_would(synthetic_mnist: Synthetic
     (job_folder,) = (path for path in (sweep_dir / ".submitit").iterdir() if path.name != "%j")
     assert sorted(path.name.split("_", 1)[1] for path in job_folder.glob("*_log.err")) == ["0_log.err", "1_log.err"]
     assert "GLOBAL_RANK: 1" in next(job_folder.glob("*_1_log.err")).read_text()
+
+
+def test_ddp_trains_the_same_with_one_or_several_steps_per_call(
+    synthetic_mnist: SyntheticMNIST, ddp_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """Each rank takes its optimizer steps inside one call of training_step (gradients all-reduced
+    at every backward), with the metrics of one step per call: the default, 32, against 2."""
+    run_dir, _ = ddp_run
+    several, _ = train_on_synthetic(synthetic_mnist, tmp_path, *DDP_TRAIN, "data.batches_per_call=2")
+    expected, got = (json.loads((run / "metrics.json").read_text()) for run in (run_dir, several))
+    assert expected["global_step"] == got["global_step"] == 2 * STEPS_PER_EPOCH
+    ignored = {"fit_seconds", "ckpt_path"}
+    assert {k: v for k, v in got.items() if k not in ignored} == {k: v for k, v in expected.items() if k not in ignored}
