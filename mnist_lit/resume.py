@@ -6,10 +6,11 @@ The pieces, all here but the two states that live with what they describe:
   Hydra sees the arguments): the run's own overrides, folder and `checkpoints/last.ckpt`.
 - `GracefulStop`: stops between two batches on a signal, after writing `last.ckpt`.
 - What a checkpoint carries beyond Lightning's own state:
-  - `RESUME_STATE` (here): torch's random number generator states (dropout, augmentation, noise)
-    and how far the epoch's training batches have got (`TensorBatches.state_dict`, mnist_lit/data.py);
-  - `PENDING_TRAIN_INPUTS` (mnist_lit/module.py): the training-metric inputs of the epoch so far
-    (`DeferredMetricInputs`, mnist_lit/speed.py).
+  - `RESUME_STATE` (here): every rank's torch random number generator states (dropout,
+    augmentation, noise) and how far the epoch's training batches have got
+    (`TensorBatches.state_dict`, mnist_lit/data.py);
+  - `PENDING_TRAIN_INPUTS` (mnist_lit/module.py): every rank's training-metric inputs of the epoch
+    so far (`DeferredMetricInputs`, mnist_lit/speed.py).
 - `check_schedule_length`: a resumed run must plan the steps its learning-rate schedule was laid out for.
 """
 
@@ -29,6 +30,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import OmegaConf
 
 from mnist_lit.callbacks import CHECK_EVERY_N_STEPS
+from mnist_lit.distributed import every_rank, own_rank
 from mnist_lit.errors import ConfigError, Interrupted
 
 # The checkpoint entry with what Lightning does not restore itself (see GracefulStop).
@@ -41,8 +43,8 @@ class GracefulStop(Callback):
 
     The stop never follows an epoch's last batch: that epoch's validation and checkpoint come
     first, and training stops after the next batch. Every checkpoint of the run also carries
-    what an exact continuation needs beyond Lightning's own state: torch's random number
-    generator states (dropout, augmentation) and how far the epoch's training batches have got.
+    what an exact continuation needs beyond Lightning's own state: every rank's torch random
+    number generator states (dropout, augmentation) and how far the epoch's training batches have got.
     (Lightning stores the latter too, but does not restore it when configure_optimizers reads
     `estimated_stepping_batches`, as ours does: that builds the loader before the state is loaded.)
     """
@@ -67,9 +69,13 @@ class GracefulStop(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         loader = trainer.train_dataloader
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        }
         checkpoint[RESUME_STATE] = {
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            # Each rank's own: the ranks draw alike only as long as their batches are alike.
+            "rng": every_rank(rng),
             "train_batches": loader.state_dict() if hasattr(loader, "state_dict") else None,
         }
 
@@ -81,9 +87,12 @@ class GracefulStop(Callback):
         # Applied as late as possible: nothing may draw random numbers between here and training.
         if self.resume_state is not None:
             state, self.resume_state = self.resume_state, None
-            torch.set_rng_state(state["torch_rng"])
-            if state["cuda_rng"] and len(state["cuda_rng"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            # A checkpoint of mnist_lit 0.1 holds rank 0's states only.
+            old = "rng" not in state
+            rng = {"torch": state["torch_rng"], "cuda": state["cuda_rng"]} if old else own_rank(state["rng"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
             if state["train_batches"] is not None:
                 trainer.train_dataloader.load_state_dict(state["train_batches"])
         # Replaces the SIGTERM handler Lightning installs for fitting, which may stop in the middle
