@@ -21,8 +21,8 @@ from mnist_lit.callbacks import EndsRunEarly
 from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable
 from mnist_lit.config import arguments, build, check_arguments, to_plain
 from mnist_lit.data import MNISTDataModule
-from mnist_lit.errors import ConfigError, Interrupted, TrainingDiverged, refused
-from mnist_lit.files import atomic_path
+from mnist_lit.errors import ConfigError, Interrupted, OutOfSpace, TrainingDiverged, refused
+from mnist_lit.files import remove_stale_partials, replace_durably
 from mnist_lit.loggers import build_loggers, finish_loggers, log_hyperparameters
 from mnist_lit.module import MONITORABLE, MNISTClassifier
 from mnist_lit.resume import GracefulStop
@@ -145,8 +145,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> 
 
 def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)  # a fast_dev_run writes nothing else into the run folder
-    with atomic_path(path) as partial:
-        partial.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    replace_durably(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -181,10 +180,15 @@ def fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[st
     `callbacks` join the configured ones (an Optuna trial's pruning, see mnist_lit/search/). A
     callback that ends a run early on purpose is an `EndsRunEarly`: its `reason` becomes the status.
     """
+    output_dir = Path(cfg.paths.output_dir)
     try:
         results = _fit_and_test(cfg, callbacks)
-    except BaseException:
+    except BaseException as err:
         finish_loggers(exit_code=1)
+        if isinstance(err, OutOfSpace):
+            last = output_dir / "checkpoints" / "last.ckpt"
+            then = f"go on with: python -m mnist_lit.train resume={output_dir}" if last.is_file() else "start again"
+            raise err.then(then) from None
         raise
     finish_loggers()
     return results
@@ -197,7 +201,8 @@ def _fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback]) -> dict[str, A
         # trainer.loggers are the configured ones, in their order (a fast_dev_run's: a dummy).
         keys = [f"logger.{name}" for name, node in cfg.logger.items() if node is not None]
         log_hyperparameters(dict(zip(keys, trainer.loggers, strict=False)), cfg)
-
+        for folder in {output_dir, *(Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath)}:
+            remove_stale_partials(folder)  # of a process of this run that was killed while writing
     started = time.perf_counter()
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
