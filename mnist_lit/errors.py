@@ -92,6 +92,8 @@ class Interrupted(Exception):
         super().__init__(
             f"{self.signal.name} after step {step}; the run can go on from {ckpt_path}: "
             f"python -m mnist_lit.train resume={run_dir}"
+            if ckpt_path.is_file()
+            else f"{self.signal.name} at step {step}, before the run wrote a checkpoint; start it again."
         )
 
 

@@ -10,7 +10,9 @@ The pieces, all here but the two states that live with what they describe:
     augmentation, noise) and how far the epoch's training batches have got
     (`TensorBatches.state_dict`, mnist_lit/data.py);
   - `PENDING_TRAIN_INPUTS` (mnist_lit/module.py): every rank's training-metric inputs of the epoch
-    so far (`DeferredMetricInputs`, mnist_lit/speed.py).
+    so far (`DeferredMetricInputs`, mnist_lit/speed.py);
+  - `FIT_RECORD` (mnist_lit/run.py): the fit's metrics and seconds so far, for a run resumed after
+    its last epoch's checkpoint, which has nothing left to fit.
 - `check_schedule_length`: a resumed run must plan the steps its learning-rate schedule was laid out for.
 """
 
@@ -96,7 +98,10 @@ class GracefulStop(Callback):
             if state["train_batches"] is not None:
                 trainer.train_dataloader.load_state_dict(state["train_batches"])
         # Replaces the SIGTERM handler Lightning installs for fitting, which may stop in the middle
-        # of a validation, whose partial metrics no checkpoint can hold.
+        # of a validation, whose partial metrics no checkpoint can hold; a SIGTERM it caught while
+        # the fit was being set up stops training here, after the first batch.
+        if trainer.received_sigterm:
+            self.received = signal.SIGTERM
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -165,7 +170,10 @@ def expand_resume(args: list[str]) -> list[str]:
     run = Path(given[-1].removeprefix("resume="))
     overrides, checkpoint = run / ".hydra" / "overrides.yaml", run / "checkpoints" / "last.ckpt"
     if not overrides.is_file():
-        raise ConfigError(f"resume={run}: not a run folder ({overrides} is missing); give one like outputs/runs/<run>.")
+        raise ConfigError(
+            f"resume={run}: not a run folder ({overrides} is missing, as when a run is killed as it starts); "
+            "give one like outputs/runs/<run>, or start the run again."
+        )
     if not checkpoint.is_file():
         raise ConfigError(
             f"resume={run}: {checkpoint} does not exist (the run stopped before it wrote one); start the run again."

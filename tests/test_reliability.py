@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import random
 import re
 import resource
 import shutil
@@ -208,6 +209,73 @@ def test_sigterm_then_resume_continues_the_same_run_folder_and_tensorboard_run_e
     assert not leftovers(run_dir)
 
 
+def random_kills(count: int, seed: int = 17) -> list[tuple[str, float]]:
+    """SIGKILL or SIGTERM at random moments of a run, in units of an uninterrupted run's duration: a
+    third in its first half (start-up, the config records, data), the others in its second half
+    (epochs, validation, checkpoints, the test, metrics.json)."""
+    rng = random.Random(seed)
+    return [
+        (rng.choice(["SIGKILL", "SIGTERM"]), rng.uniform(0, 0.5) if index % 3 == 0 else rng.uniform(0.5, 1))
+        for index in range(count)
+    ]
+
+
+@pytest.mark.slow
+def test_kills_at_random_moments_each_followed_by_resume_end_with_the_uninterrupted_runs_metrics(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    options = {
+        # Six epochs, so that more kills land in training; the data is prepared by the first attempt.
+        "args": [*RESUMABLE, "trainer.max_epochs=6", *synthetic_mnist.overrides(tmp_path / "data")],
+        "workdir": str(tmp_path),
+        "schedule": random_kills(24),
+        "out": str(tmp_path / "record.json"),
+    }
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HYDRA_FULL_ERROR": "0"}
+    env.pop("MNIST_MIRROR", None)
+    probe = subprocess.run(
+        [sys.executable, "-m", "tests.kill_probe", json.dumps(options)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["reference"]["returncode"] == 0, record["reference"]["output"]
+    reference = read_metrics(Path(record["reference"]["run"]))
+    attempts = record["attempts"]
+    assert sum(attempt["landed"] for attempt in attempts) >= 20
+    for attempt in attempts:
+        assert "Traceback" not in attempt["output"], attempt["output"]
+        code = attempt["returncode"]
+        if attempt["signal"] == "SIGKILL" and attempt["landed"]:
+            assert code == -signal.SIGKILL
+        elif attempt["signal"] == "SIGTERM" and attempt["landed"]:
+            # Before Lightning's handlers are in place SIGTERM ends the process at once; from there on
+            # the run stops after writing a checkpoint, or finishes what little work was left.
+            assert code in (-signal.SIGTERM, 143, 0), attempt["output"]
+            assert (code == 143) == ("interrupted: SIGTERM" in attempt["output"])
+        elif attempt["signal"] is None and code != 0:  # resume= of a run killed before its first checkpoint
+            assert code == 2 and attempt["output"].strip().endswith("start the run again."), attempt["output"]
+        if code == 0:
+            assert read_metrics(Path(attempt["run"]))["status"] == "completed"
+    killed = tmp_path / "killed" / "outputs" / "runs"
+    resumed = [run for run in killed.iterdir() if (run / "checkpoints" / "last.ckpt").is_file()]
+    assert resumed
+    for run in resumed:  # every run that got as far as a checkpoint went on to the end, exactly
+        assert comparable(read_metrics(run)) == comparable(reference), run
+        # TensorBoard shows the uninterrupted run's curves (a replayed step may show its point twice).
+        for tag in ("val/acc", "train/loss", "train/lr"):
+            assert dict(scalars(run, tag)) == dict(scalars(Path(record["reference"]["run"]), tag))
+        assert not leftovers(run)
+    # What the kills left behind, abandoned runs included, does not trouble the report.
+    report = run_module("mnist_lit.report", str(killed), cwd=tmp_path)
+    assert report.returncode == 0 and "Traceback" not in report.stderr, report.stdout + report.stderr
+    assert report.stdout.count("| completed |") == len(resumed)
+
+
 def test_training_batches_resume_mid_epoch_with_the_batch_after_the_last_one_handed_out() -> None:
     def batches(epoch: int) -> TensorBatches:
         sampler = EpochShuffle(30, shuffle=True, seed=1)
@@ -401,6 +469,29 @@ def test_a_full_disk_stops_training_in_one_line_and_resume_goes_on_once_there_is
     result = run_module("mnist_lit.train", f"resume={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert comparable(read_metrics(run_dir)) == comparable(read_metrics(uninterrupted))
+
+
+def test_a_run_resumed_after_its_last_checkpoint_reports_the_whole_fit(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    """As after a kill during the test: nothing is left to fit, yet metrics.json has every metric."""
+    overrides = [
+        *RESUMABLE,
+        "logger=none",
+        "callbacks.progress.mode=none",
+        *synthetic_mnist.overrides(tmp_path / "data"),
+    ]
+    finished = experiment.fit_and_test(compose_train(tmp_path / "run", *overrides))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    (tmp_path / "run" / "metrics.json").unlink()
+
+    resumed = experiment.fit_and_test(compose_train(tmp_path / "run", *overrides, f"ckpt_path={last}"))
+    assert {"val/acc_best", "train/loss", "train/acc", "val/acc"} <= resumed.keys()
+    assert comparable(resumed) == comparable(finished)
+    assert read_metrics(tmp_path / "run") == resumed
+    # The seconds of the fit the checkpoint records, and those of the resumed process.
+    carried = torch.load(last, weights_only=True)[experiment.FIT_RECORD]["seconds"]
+    assert carried <= resumed["fit_seconds"] < carried + 60
 
 
 PREPARE = """
