@@ -1,7 +1,8 @@
 """Kills at random moments, each followed by `resume=`: `python -m tests.kill_probe '<json>'`.
 
 Options: `args` (a training run's overrides), `workdir`, `schedule` (`[[signal name, when], ...]`,
-`when` in units of the uninterrupted run's duration), `out` (where the record goes, as JSON).
+`when` in units of the uninterrupted run's duration), `kills` (how many must land: the schedule is
+followed until then), `out` (where the record goes, as JSON).
 Every attempt is `python -m mnist_lit.train` as a user starts it, forked from this process, which
 has imported it once: an attempt then starts in a fraction of a second instead of after ~6 s of
 imports, so a test can afford dozens of kills.
@@ -120,6 +121,8 @@ def main(options: dict[str, Any]) -> None:
 
     duration = record["reference"]["seconds"]
     for name, when in options["schedule"]:
+        if sum(attempt["landed"] for attempt in attempts) == options["kills"]:
+            break
         next_attempt((name, when * duration))
         if completed(run):
             run = None  # the next kill falls on a new run

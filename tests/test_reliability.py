@@ -211,11 +211,11 @@ def test_sigterm_then_resume_continues_the_same_run_folder_and_tensorboard_run_e
 
 def random_kills(count: int, seed: int = 17) -> list[tuple[str, float]]:
     """SIGKILL or SIGTERM at random moments of a run, in units of an uninterrupted run's duration: a
-    third in its first half (start-up, the config records, data), the others in its second half
-    (epochs, validation, checkpoints, the test, metrics.json)."""
+    third in its first half (start-up, the config records, data), the others later (epochs,
+    validation, checkpoints, the test, metrics.json; a resumed run has less left to do)."""
     rng = random.Random(seed)
     return [
-        (rng.choice(["SIGKILL", "SIGTERM"]), rng.uniform(0, 0.5) if index % 3 == 0 else rng.uniform(0.5, 1))
+        (rng.choice(["SIGKILL", "SIGTERM"]), rng.uniform(0, 0.5) if index % 3 == 0 else rng.uniform(0.5, 0.9))
         for index in range(count)
     ]
 
@@ -228,7 +228,8 @@ def test_kills_at_random_moments_each_followed_by_resume_end_with_the_uninterrup
         # Six epochs, so that more kills land in training; the data is prepared by the first attempt.
         "args": [*RESUMABLE, "trainer.max_epochs=6", *synthetic_mnist.overrides(tmp_path / "data")],
         "workdir": str(tmp_path),
-        "schedule": random_kills(24),
+        "schedule": random_kills(80),  # followed until 24 kills have landed on a running process
+        "kills": 24,
         "out": str(tmp_path / "record.json"),
     }
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HYDRA_FULL_ERROR": "0"}
@@ -246,7 +247,7 @@ def test_kills_at_random_moments_each_followed_by_resume_end_with_the_uninterrup
     assert record["reference"]["returncode"] == 0, record["reference"]["output"]
     reference = read_metrics(Path(record["reference"]["run"]))
     attempts = record["attempts"]
-    assert sum(attempt["landed"] for attempt in attempts) >= 20
+    assert sum(attempt["landed"] for attempt in attempts) == 24
     for attempt in attempts:
         assert "Traceback" not in attempt["output"], attempt["output"]
         code = attempt["returncode"]
