@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -13,15 +13,16 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mnist_lit.errors import CheckpointError
-from mnist_lit.files import atomic_path
+from mnist_lit.files import replace_durably
 from mnist_lit.module import MNISTClassifier
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint under a temporary name next to it, then renames it into place.
 
-    A crash or a kill in the middle of a write leaves the previous checkpoint intact, never a
-    truncated one. (Lightning's own writer goes through the system temp folder, and where that is
+    A crash, a kill or a full disk in the middle of a write leaves the previous checkpoint intact,
+    never a truncated one, and a full disk stops the run with one line saying where and how much
+    room it needs. (Lightning's own writer goes through the system temp folder, and where that is
     another file system, it copies the file into place.)
     """
 
@@ -35,10 +36,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as partial, open(partial, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())  # on disk before the rename makes it the checkpoint
+        # In memory first, so that a full disk can be told how much room the checkpoint needs.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        replace_durably(path, buffer.getvalue())
 
 
 # The checkpoint `check_resumable` read last, with the file's identity, until Lightning loads it.

@@ -24,7 +24,7 @@ from filelock import FileLock
 from torch import Tensor
 
 from mnist_lit.errors import DataError, SettingError, require_finite
-from mnist_lit.files import atomic_path
+from mnist_lit.files import NO_SPACE, atomic_path, out_of_space
 from mnist_lit.mnist import IMAGE_SIZE, MNIST_FILES, MNIST_MEAN, MNIST_SHA256, MNIST_STD, NUM_CLASSES, read_idx
 
 
@@ -51,7 +51,18 @@ def _copy_payload(source: Path, target: Path) -> None:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
     except (OSError, EOFError, zlib.error) as err:  # zlib.error: damaged compressed data
+        if isinstance(err, OSError) and err.errno in NO_SPACE:  # writing, not reading, failed
+            raise out_of_space(target, _payload_size(source), err, then="run again") from None
         raise DataError(f"{source}: cannot read it ({err}); replace it with an intact copy.") from None
+
+
+def _payload_size(source: Path) -> int:
+    """The size of `source` uncompressed: a gzip file ends with it (modulo 4 GiB)."""
+    if source.suffix != ".gz":
+        return source.stat().st_size
+    with open(source, "rb") as file:
+        file.seek(-4, os.SEEK_END)
+        return int.from_bytes(file.read(4), "little")
 
 
 def ensure_mnist(raw_dir: Path, mirror: str | None, sha256: Mapping[str, str]) -> None:

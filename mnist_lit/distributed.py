@@ -8,6 +8,9 @@ Who starts the processes of a DDP run:
   rank would start a sweep of its own in a folder of its own (Lightning issue #11300).
 - SLURM, one task per device: Lightning's SLURMEnvironment reads the ranks from SLURM's variables.
 - submitit's local executor, one task per device: like SLURM, but it sets only its own variables.
+
+What each rank holds alone (its random state, its shard's training-metric inputs) goes into a
+checkpoint for every rank (`every_rank`) and comes back to its own (`own_rank`).
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import read_write
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -57,3 +63,23 @@ def distributed_job() -> Iterator[None]:
         torch.set_num_threads(threads)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def every_rank(state: T) -> list[T]:
+    """This process's `state` and that of every other rank, in rank order, for a checkpoint.
+
+    Every rank must call it, as every rank builds each checkpoint (Lightning's save_checkpoint).
+    Rank 0 writes the file: without this, its state would stand for every rank's.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [state]
+    states: list[T] = [state] * torch.distributed.get_world_size()  # placeholders for the gather
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def own_rank(states: list[T]) -> T:
+    """This rank's entry of `every_rank`'s list; rank 0's when the run resumes on another number of ranks."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world_size, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+    return states[rank] if len(states) == world_size else states[0]

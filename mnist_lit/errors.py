@@ -65,6 +65,19 @@ class ReportError(MnistLitError):
     """Paths given to `mnist_lit.report` that hold no training run, or an output it cannot write."""
 
 
+class OutOfSpace(MnistLitError):
+    """A write that failed for lack of room (a full disk or quota, a file size limit): what needed
+    how much where, then how to go on once there is room."""
+
+    def __init__(self, what: str, then: str = "run the command again") -> None:
+        self.what = what
+        super().__init__(f"{what} Free some space, then {then}.")
+
+    def then(self, then: str) -> OutOfSpace:
+        """The same report, with another way to go on."""
+        return OutOfSpace(self.what, then)
+
+
 class TrainingDiverged(MnistLitError):
     """The training loss became NaN or infinite: the settings, not the code, need changing."""
 
@@ -79,6 +92,8 @@ class Interrupted(Exception):
         super().__init__(
             f"{self.signal.name} after step {step}; the run can go on from {ckpt_path}: "
             f"python -m mnist_lit.train resume={run_dir}"
+            if ckpt_path.is_file()
+            else f"{self.signal.name} at step {step}, before the run wrote a checkpoint; start it again."
         )
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mnist_lit.errors import ConfigError
+from mnist_lit.errors import ConfigError, OutOfSpace
+
+# What a write fails with for lack of room: a full disk, a full quota, a file size limit (ulimit -f).
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 @contextmanager
@@ -25,6 +30,63 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+# The process id in the name `atomic_path` gives a file being written.
+PARTIAL_NAME = re.compile(r"^\..*\.(\d+)\.partial[^/]*$")
+
+
+def remove_stale_partials(folder: Path) -> None:
+    """Delete the temporary files that killed processes left in `folder` (`atomic_path`, a
+    checkpoint can be hundreds of MB); those of living processes are theirs to finish."""
+    for partial in folder.glob(".*.partial*"):
+        match = PARTIAL_NAME.match(partial.name)
+        if match and not _is_alive(int(match.group(1))):
+            partial.unlink(missing_ok=True)
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def replace_durably(path: Path, data: bytes) -> None:
+    """Write `data` under a temporary name beside `path`, sync it to disk, then rename it to `path`.
+
+    A crash, a kill or a full disk leaves the previous file intact; a write that runs out of room
+    raises `OutOfSpace`, saying where and how much.
+    """
+    try:
+        with atomic_path(path) as partial, open(partial, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the rename makes it the file
+    except OSError as err:
+        if err.errno in NO_SPACE:
+            raise out_of_space(path, len(data), err) from None
+        raise
+
+
+def out_of_space(path: Path, needed: int, err: OSError, then: str = "run the command again") -> OutOfSpace:
+    """The one line for a write of `needed` bytes to `path` that failed with `err` for lack of room."""
+    if err.errno == errno.EFBIG:
+        why = "larger than this process may write (File too large: raise the limit, ulimit -f)"
+    else:
+        why = f"{amount(shutil.disk_usage(path.parent).free)} free there ({err.strerror})"
+    return OutOfSpace(f"no room to write {path.name} in {path.parent}: it needs {amount(needed)}, {why}.", then)
+
+
+def amount(size: int) -> str:
+    """A number of bytes as people read it: 172 kB, 47.0 MB, 1.2 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.{0 if unit == 'kB' else 1}f} {unit}"
+    return f"{size} B"
 
 
 # What a run writes before its first training step: Hydra's record of the config, the logs, and the

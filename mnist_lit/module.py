@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, M
 
 from mnist_lit.augment import BatchAugment
 from mnist_lit.data import TrainingChunk
+from mnist_lit.distributed import every_rank, own_rank
 from mnist_lit.errors import SettingError, require_finite
 from mnist_lit.mnist import IMAGE_SIZE, NUM_CLASSES
 from mnist_lit.model import MLP, Activation
@@ -30,8 +31,8 @@ OptimizerName = Literal["adam", "adamw", "sgd"]
 SchedulerName = Literal["none", "onecycle", "cosine", "decay_last_third"]  # each stepped every batch
 
 METRIC_NAMES = ("loss", "acc", "precision", "recall", "f1")
-# The checkpoint entry with the training-metric inputs of the steps since the epoch began.
-PENDING_TRAIN_INPUTS = "pending_train_outputs"
+# The checkpoint entry with every rank's training-metric inputs of the steps since the epoch began.
+PENDING_TRAIN_INPUTS = "pending_train_inputs_per_rank"
 # What checkpointing and early stopping can watch: the metrics this module logs every epoch.
 MONITORABLE = (*(f"{stage}/{name}" for stage in ("train", "val") for name in METRIC_NAMES), "val/acc_best")
 
@@ -273,10 +274,11 @@ class MNISTClassifier(PlainHookName, L.LightningModule):
         count_logging_steps_in_optimizer_steps(self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[PENDING_TRAIN_INPUTS] = self.train_inputs.state_dict()
+        # Under DDP each rank holds the inputs of its own shard.
+        checkpoint[PENDING_TRAIN_INPUTS] = every_rank(self.train_inputs.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.train_inputs.load_state_dict(checkpoint.get(PENDING_TRAIN_INPUTS, []))
+        self.train_inputs.load_state_dict(own_rank(checkpoint.get(PENDING_TRAIN_INPUTS, [[]])))
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_metrics)

@@ -102,23 +102,34 @@ def _log_error(run_dir: Path) -> str | None:
     return None
 
 
-def read_run(run_dir: Path) -> Run | None:
-    """The run in `run_dir`, or None when it is not a training run (eval, predict, export)."""
-    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
-    model = config.get("model")
-    if not isinstance(model, dict) or "hidden" not in model:
+def _read_record(path: Path) -> Any:
+    """A `.hydra` record; None where it is missing or cut short. Hydra writes them in place, so a
+    run killed in its first instant can leave one half-written (it trained nothing)."""
+    try:
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
         return None
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = (yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else None) or []
-    data = config.get("data") or {}
+
+
+def read_run(run_dir: Path) -> Run | None:
+    """The run in `run_dir`, or None when it is not a training run (eval, predict, export) or its
+    config record is unreadable."""
+    config = _read_record(run_dir / ".hydra" / "config.yaml")
+    model = config.get("model") if isinstance(config, dict) else None
+    hidden = model.get("hidden") if isinstance(model, dict) else None
+    if not isinstance(hidden, list) or not all(isinstance(size, int) for size in hidden):
+        return None
+    overrides = _read_record(run_dir / ".hydra" / "overrides.yaml")
+    trainer = config.get("trainer")
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
     folds = data.get("folds")
     run = Run(
         path=run_dir,
-        overrides=[str(override) for override in overrides],
-        hidden=[int(size) for size in model["hidden"]],
+        overrides=[str(override) for override in overrides] if isinstance(overrides, list) else [],
+        hidden=hidden,
         batch_norm=bool(model.get("batch_norm", False)),
         seed=config.get("seed"),
-        max_epochs=(config.get("trainer") or {}).get("max_epochs"),
+        max_epochs=trainer.get("max_epochs") if isinstance(trainer, dict) else None,
         status="unfinished",
         validation=data.get("val_size") != 0,
         folds=folds,

@@ -7,10 +7,13 @@ The pieces, all here but the two states that live with what they describe:
   `resume=latest` picks the run (`latest_unfinished_run`).
 - `GracefulStop`: stops between two batches on a signal, after writing `last.ckpt`.
 - What a checkpoint carries beyond Lightning's own state:
-  - `RESUME_STATE` (here): torch's random number generator states (dropout, augmentation, noise)
-    and how far the epoch's training batches have got (`TensorBatches.state_dict`, mnist_lit/data.py);
-  - `PENDING_TRAIN_INPUTS` (mnist_lit/module.py): the training-metric inputs of the epoch so far
-    (`DeferredMetricInputs`, mnist_lit/speed.py).
+  - `RESUME_STATE` (here): every rank's torch random number generator states (dropout,
+    augmentation, noise) and how far the epoch's training batches have got
+    (`TensorBatches.state_dict`, mnist_lit/data.py);
+  - `PENDING_TRAIN_INPUTS` (mnist_lit/module.py): every rank's training-metric inputs of the epoch
+    so far (`DeferredMetricInputs`, mnist_lit/speed.py);
+  - `FIT_RECORD` (mnist_lit/run.py): the fit's metrics and seconds so far, for a run resumed after
+    its last epoch's checkpoint, which has nothing left to fit.
 - `check_schedule_length`: a resumed run must plan the steps its learning-rate schedule was laid out for.
 """
 
@@ -32,6 +35,7 @@ from omegaconf import OmegaConf
 
 from mnist_lit.callbacks import CHECK_EVERY_N_STEPS
 from mnist_lit.config import PathsConfig
+from mnist_lit.distributed import every_rank, own_rank
 from mnist_lit.errors import ConfigError, Interrupted
 from mnist_lit.module import planned_optimizer_steps
 
@@ -45,8 +49,8 @@ class GracefulStop(Callback):
 
     The stop never follows an epoch's last batch: that epoch's validation and checkpoint come
     first, and training stops after the next batch. Every checkpoint of the run also carries
-    what an exact continuation needs beyond Lightning's own state: torch's random number
-    generator states (dropout, augmentation) and how far the epoch's training batches have got.
+    what an exact continuation needs beyond Lightning's own state: every rank's torch random
+    number generator states (dropout, augmentation) and how far the epoch's training batches have got.
     (Lightning stores the latter too, but does not restore it when configure_optimizers reads
     `estimated_stepping_batches`, as ours does: that builds the loader before the state is loaded.)
     """
@@ -72,9 +76,13 @@ class GracefulStop(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         loader = trainer.train_dataloader
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        }
         checkpoint[RESUME_STATE] = {
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            # Each rank's own: the ranks draw alike only as long as their batches are alike.
+            "rng": every_rank(rng),
             "train_batches": loader.state_dict() if hasattr(loader, "state_dict") else None,
         }
 
@@ -86,13 +94,19 @@ class GracefulStop(Callback):
         # Applied as late as possible: nothing may draw random numbers between here and training.
         if self.resume_state is not None:
             state, self.resume_state = self.resume_state, None
-            torch.set_rng_state(state["torch_rng"])
-            if state["cuda_rng"] and len(state["cuda_rng"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            # A checkpoint of mnist_lit 0.1 holds rank 0's states only.
+            old = "rng" not in state
+            rng = {"torch": state["torch_rng"], "cuda": state["cuda_rng"]} if old else own_rank(state["rng"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
             if state["train_batches"] is not None:
                 trainer.train_dataloader.load_state_dict(state["train_batches"])
         # Replaces the SIGTERM handler Lightning installs for fitting, which may stop in the middle
-        # of a validation, whose partial metrics no checkpoint can hold.
+        # of a validation, whose partial metrics no checkpoint can hold; a SIGTERM it caught while
+        # the fit was being set up stops training here, after the first batch.
+        if trainer.received_sigterm:
+            self.received = signal.SIGTERM
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -169,7 +183,10 @@ def expand_resume(args: list[str]) -> list[str]:
         run = latest_unfinished_run(Path(roots[-1] if roots else PathsConfig.output_root) / "runs")
     overrides, checkpoint = run / ".hydra" / "overrides.yaml", run / "checkpoints" / "last.ckpt"
     if not overrides.is_file():
-        raise ConfigError(f"resume={run}: not a run folder ({overrides} is missing); give one like outputs/runs/<run>.")
+        raise ConfigError(
+            f"resume={run}: not a run folder ({overrides} is missing, as when a run is killed as it starts); "
+            "give one like outputs/runs/<run>, or start the run again."
+        )
     if not checkpoint.is_file():
         raise ConfigError(
             f"resume={run}: {checkpoint} does not exist (the run stopped before it wrote one); start the run again."

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,15 +15,15 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_lit.callbacks import EndsRunEarly
 from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable
 from mnist_lit.config import arguments, build, check_arguments, to_plain
 from mnist_lit.data import MNISTDataModule
-from mnist_lit.errors import ConfigError, Interrupted, TrainingDiverged, refused
-from mnist_lit.files import atomic_path
+from mnist_lit.errors import ConfigError, Interrupted, OutOfSpace, TrainingDiverged, refused
+from mnist_lit.files import remove_stale_partials, replace_durably
 from mnist_lit.loggers import build_loggers, finish_loggers, log_hyperparameters
 from mnist_lit.module import MONITORABLE, MNISTClassifier, StepSettings
 from mnist_lit.resume import GracefulStop
@@ -183,8 +184,9 @@ def build_trainer(
         *build_callbacks(
             cfg.callbacks, has_logger=bool(loggers), batches_per_call=cfg.data.batches_per_call, validates=validates
         ),
-        # Not a config entry: exact resume (resume=) depends on it.
+        # Not config entries: exact resume (resume=) and a complete metrics.json depend on them.
         GracefulStop(ckpt_path=output_dir / "checkpoints" / "last.ckpt"),
+        FitRecord(),
         *extra_callbacks,
     ]
     if kwargs["enable_progress_bar"] is None:
@@ -205,12 +207,54 @@ def build_trainer(
 
 def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)  # a fast_dev_run writes nothing else into the run folder
-    with atomic_path(path) as partial:
-        partial.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    replace_durably(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
     return {key: value.item() for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+
+
+# The checkpoint entry with the fit's metrics and seconds up to that checkpoint (FitRecord).
+FIT_RECORD = "mnist_lit_fit_record"
+
+
+class FitRecord(Callback):
+    """The fit's metrics and seconds as of each checkpoint, carried across resumes into metrics.json.
+
+    A run resumed from its last epoch's checkpoint (killed while testing, say) has nothing left to
+    fit: Lightning restores the finished loop and logs nothing, so its metrics.json would lack the
+    fit's metrics (val/acc_best, train/*, val/*) and count the resumed process's seconds only.
+    Every checkpoint carries both; what the resumed fit logs replaces what was carried. The seconds
+    run from each process's setup of the fit, up to the checkpoint it handed on: work a kill threw
+    away, done again, counts once.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.carried_seconds = 0.0
+        self.carried_metrics: dict[str, float] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.carried_seconds + time.perf_counter() - self.started
+
+    def metrics(self, trainer: L.Trainer) -> dict[str, float]:
+        return {**self.carried_metrics, **final_metrics(trainer)}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[FIT_RECORD] = {"seconds": self.seconds(), "metrics": self.metrics(trainer)}
+        # What was logged so far goes to disk first: a run resumed from this checkpoint logs only
+        # what comes after it, so curves keep no gap where a kill lost buffered events.
+        for logger in trainer.loggers:
+            logger.save()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.get(FIT_RECORD, {})
+        self.carried_seconds = record.get("seconds", 0.0)
+        self.carried_metrics = record.get("metrics", {})
 
 
 def say_why_precision(trainer: DictConfig) -> None:
@@ -253,10 +297,15 @@ def fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[st
     `callbacks` join the configured ones (an Optuna trial's pruning, see mnist_lit/search/). A
     callback that ends a run early on purpose is an `EndsRunEarly`: its `reason` becomes the status.
     """
+    output_dir = Path(cfg.paths.output_dir)
     try:
         results = _fit_and_test(cfg, callbacks)
-    except BaseException:
+    except BaseException as err:
         finish_loggers(exit_code=1)
+        if isinstance(err, OutOfSpace):
+            last = output_dir / "checkpoints" / "last.ckpt"
+            then = f"go on with: python -m mnist_lit.train resume={output_dir}" if last.is_file() else "start again"
+            raise err.then(then) from None
         raise
     finish_loggers()
     return results
@@ -269,24 +318,35 @@ def _fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback]) -> dict[str, A
         # trainer.loggers are the configured ones, in their order (a fast_dev_run's: a dummy).
         keys = [f"logger.{name}" for name, node in cfg.logger.items() if node is not None]
         log_hyperparameters(dict(zip(keys, trainer.loggers, strict=False)), cfg)
-
-    started = time.perf_counter()
+        for folder in {output_dir, *(Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath)}:
+            remove_stale_partials(folder)  # of a process of this run that was killed while writing
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     except (Interrupted, TrainingDiverged) as stop:
         record_stop(trainer, output_dir, stop)
         raise
+    except SIGTERMException:
+        raise signal_stop(trainer, output_dir, signal.SIGTERM) from None
     except MisconfigurationException as err:  # Lightning's checks of trainer.* against the data
         raise ConfigError(f"Lightning refuses the trainer.* settings: {err}") from None
-    fit_seconds = time.perf_counter() - started
+    # A signal that came as the fit ended (or during the setup of a fit with nothing left to do)
+    # stops the run before the test, on every rank; its last checkpoint holds the whole fit.
+    received = next(cb.received for cb in trainer.callbacks if isinstance(cb, GracefulStop))
+    if trainer.strategy.reduce_boolean_decision(received is not None or trainer.received_sigterm, all=False):
+        raise signal_stop(trainer, output_dir, received or signal.SIGTERM)
+    record = next(cb for cb in trainer.callbacks if isinstance(cb, FitRecord))
+    fit_seconds = record.seconds()
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     # Under DDP every rank tests the file rank 0 saved.
     best_path = trainer.strategy.broadcast(best_path)
-    metrics = final_metrics(trainer)  # the test replaces Lightning's record of the fit's metrics
+    metrics = record.metrics(trainer)  # the test replaces Lightning's record of the fit's metrics
     tested: dict[str, float] = {}
     if cfg.test:
         # Without validation there is no best checkpoint: test the final weights instead.
-        trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False, weights_only=True)
+        try:
+            trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False, weights_only=True)
+        except SIGTERMException:
+            raise signal_stop(trainer, output_dir, signal.SIGTERM) from None
         tested = final_metrics(trainer)
     status = next((cb.reason for cb in trainer.callbacks if isinstance(cb, EndsRunEarly) and cb.reason), "completed")
     results = write_metrics(
@@ -300,6 +360,15 @@ def _fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback]) -> dict[str, A
     if trainer.global_rank == 0 and tested:
         log.info("test  " + "  ".join(f"{key} {value:.4f}" for key, value in tested.items()))
     return results
+
+
+def signal_stop(trainer: L.Trainer, output_dir: Path, signum: int) -> Interrupted:
+    """The stop for a signal GracefulStop could not act on between two batches: one during the test
+    (Lightning stops it), or at the end of the fit."""
+    ckpt_path = next(cb.ckpt_path for cb in trainer.callbacks if isinstance(cb, GracefulStop))
+    stop = Interrupted(signum, trainer.global_step, ckpt_path)
+    record_stop(trainer, output_dir, stop)
+    return stop
 
 
 def record_stop(trainer: L.Trainer, output_dir: Path, stop: Interrupted | TrainingDiverged) -> None:

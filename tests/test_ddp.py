@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -24,7 +25,10 @@ from tensorboard.util.tensor_util import make_ndarray
 
 from mnist_lit.config import register, to_plain
 from mnist_lit.model import MLP
+from mnist_lit.module import PENDING_TRAIN_INPUTS
+from mnist_lit.resume import RESUME_STATE
 from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_module, train_on_synthetic
+from tests.test_reliability import comparable, train_and_signal
 from tests.test_views import read_projection
 
 # 500 training images, 2 ranks of 250, batches of 50: 5 steps per epoch (one process takes 10).
@@ -112,6 +116,33 @@ def test_ddp_test_metrics_equal_a_single_process_eval(
         assert evaluated[key] == metrics[key], key
     # Each rank sums its losses in its own order.
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_ddp_run_with_dropout_stopped_mid_epoch_and_resumed_ends_as_an_uninterrupted_one(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    """Each rank draws its own dropout masks and sums its own shard's training metrics: a
+    checkpoint carries every rank's, not only rank 0's (the file's writer)."""
+    # 2 epochs of 25 steps per rank; ranks check for a signal every 32 steps: it stops at step 32.
+    args = [*DDP_TRAIN, "data.batch_size=10", "model.dropout=0.3"]
+    (tmp_path / "reference").mkdir()
+    reference, _ = train_on_synthetic(synthetic_mnist, tmp_path / "reference", *args)
+    data = synthetic_mnist.overrides(tmp_path / "data")
+    code, output = train_and_signal(*args, *data, cwd=tmp_path, signum=signal.SIGTERM)
+    assert code == 143, output
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 32
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+    result = run_module("mnist_lit.train", f"resume={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert comparable(json.loads((run_dir / "metrics.json").read_text())) == comparable(
+        json.loads((reference / "metrics.json").read_text())
+    )
+    ranks = checkpoint[PENDING_TRAIN_INPUTS]
+    assert len(ranks) == len(checkpoint[RESUME_STATE]["rng"]) == 2
+    assert not torch.equal(ranks[0][0][1], ranks[1][0][1])  # each rank's own labels of the epoch so far
 
 
 def test_ddp_inside_a_multirun_keeps_each_job_in_its_folder(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:

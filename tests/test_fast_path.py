@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from mnist_lit.config import register
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import ConfigError
-from mnist_lit.module import MNISTClassifier, classification_metrics, make_optimizer
+from mnist_lit.module import PENDING_TRAIN_INPUTS, MNISTClassifier, classification_metrics, make_optimizer
 from mnist_lit.run import build_run
 from tests.conftest import CONF_DIR, FAST_TRAIN, SyntheticMNIST, run_module
 
@@ -72,7 +72,7 @@ def test_a_checkpoint_written_mid_epoch_carries_every_step_so_far_in_three_tenso
         model.training_step(batch, index)
     checkpoint = {"state_dict": model.state_dict()}  # what Lightning saves, e.g. at Ctrl-C mid-epoch
     model.on_save_checkpoint(checkpoint)
-    (pending,) = checkpoint["pending_train_outputs"]
+    ((pending,),) = checkpoint[PENDING_TRAIN_INPUTS]  # one rank's, joined into one tensor per column
     assert [len(column) for column in pending] == [5 * 32] * 3
     resumed = MNISTClassifier()
     resumed.load_state_dict(checkpoint["state_dict"])

@@ -3,10 +3,15 @@ says what is wrong and how to fix it, without a traceback."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import pickle
+import random
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -21,13 +26,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mnist_lit import data as data_module
 from mnist_lit import run as experiment
 from mnist_lit.callbacks import CHECK_EVERY_N_STEPS, StopOnDivergence
 from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable, load_classifier, read_checkpoint
 from mnist_lit.config import register
 from mnist_lit.data import EpochShuffle, TensorBatches, ensure_mnist
-from mnist_lit.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from mnist_lit.files import remove_unused_run_folder
+from mnist_lit.errors import CheckpointError, ConfigError, DataError, OutOfSpace, TrainingDiverged
+from mnist_lit.files import remove_stale_partials, remove_unused_run_folder
 from mnist_lit.mnist import MNIST_FILES
 from mnist_lit.module import MNISTClassifier
 from mnist_lit.preflight import check_writable
@@ -204,6 +210,74 @@ def test_sigterm_then_resume_continues_the_same_run_folder_and_tensorboard_run_e
     assert not leftovers(run_dir)
 
 
+def random_kills(count: int, seed: int = 17) -> list[tuple[str, float]]:
+    """SIGKILL or SIGTERM at random moments of a run, in units of an uninterrupted run's duration: a
+    third in its first half (start-up, the config records, data), the others later (epochs,
+    validation, checkpoints, the test, metrics.json; a resumed run has less left to do)."""
+    rng = random.Random(seed)
+    return [
+        (rng.choice(["SIGKILL", "SIGTERM"]), rng.uniform(0, 0.5) if index % 3 == 0 else rng.uniform(0.5, 0.9))
+        for index in range(count)
+    ]
+
+
+@pytest.mark.slow
+def test_kills_at_random_moments_each_followed_by_resume_end_with_the_uninterrupted_runs_metrics(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    options = {
+        # Six epochs, so that more kills land in training; the data is prepared by the first attempt.
+        "args": [*RESUMABLE, "trainer.max_epochs=6", *synthetic_mnist.overrides(tmp_path / "data")],
+        "workdir": str(tmp_path),
+        "schedule": random_kills(80),  # followed until 24 kills have landed on a running process
+        "kills": 24,
+        "out": str(tmp_path / "record.json"),
+    }
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HYDRA_FULL_ERROR": "0"}
+    env.pop("MNIST_MIRROR", None)
+    probe = subprocess.run(
+        [sys.executable, "-m", "tests.kill_probe", json.dumps(options)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["reference"]["returncode"] == 0, record["reference"]["output"]
+    reference = read_metrics(Path(record["reference"]["run"]))
+    attempts = record["attempts"]
+    assert sum(attempt["landed"] for attempt in attempts) == 24
+    for attempt in attempts:
+        assert "Traceback" not in attempt["output"], attempt["output"]
+        code = attempt["returncode"]
+        if attempt["signal"] == "SIGKILL" and attempt["landed"]:
+            assert code == -signal.SIGKILL
+        elif attempt["signal"] == "SIGTERM" and attempt["landed"]:
+            # Before Lightning's handlers are in place SIGTERM ends the process at once; from there on
+            # the run stops after writing a checkpoint, or finishes what little work was left.
+            assert code in (-signal.SIGTERM, 143, 0), attempt["output"]
+            assert (code == 143) == ("interrupted: SIGTERM" in attempt["output"])
+        elif attempt["signal"] is None and code != 0:  # resume= of a run killed before its first checkpoint
+            assert code == 2 and attempt["output"].strip().endswith("start the run again."), attempt["output"]
+        if code == 0:
+            assert read_metrics(Path(attempt["run"]))["status"] == "completed"
+    killed = tmp_path / "killed" / "outputs" / "runs"
+    resumed = [run for run in killed.iterdir() if (run / "checkpoints" / "last.ckpt").is_file()]
+    assert resumed
+    for run in resumed:  # every run that got as far as a checkpoint went on to the end, exactly
+        assert comparable(read_metrics(run)) == comparable(reference), run
+        # TensorBoard shows the uninterrupted run's curves (a replayed step may show its point twice).
+        for tag in ("val/acc", "train/loss", "train/lr"):
+            assert dict(scalars(run, tag)) == dict(scalars(Path(record["reference"]["run"]), tag))
+        assert not leftovers(run)
+    # What the kills left behind, abandoned runs included, does not trouble the report.
+    report = run_module("mnist_lit.report", str(killed), cwd=tmp_path)
+    assert report.returncode == 0 and "Traceback" not in report.stderr, report.stdout + report.stderr
+    assert report.stdout.count("| completed |") == len(resumed)
+
+
 def test_training_batches_resume_mid_epoch_with_the_batch_after_the_last_one_handed_out() -> None:
     def batches(epoch: int) -> TensorBatches:
         sampler = EpochShuffle(30, shuffle=True, seed=1)
@@ -306,22 +380,123 @@ def test_where_reading_the_loss_is_costly_it_is_checked_every_few_steps_naming_t
     assert trainer.global_step == CHECK_EVERY_N_STEPS  # read once, after a group of steps
 
 
-def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint_intact(
+def _no_space(fd: int) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_checkpoint_write_that_runs_out_of_space_says_where_and_how_much_and_leaves_the_previous_intact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
-
-    def crash_halfway(checkpoint: object, file: object) -> None:
-        file.write(b"half a checkpoint")  # type: ignore[attr-defined]
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", crash_halfway)
-    with pytest.raises(OSError, match="No space left"):
-        AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    monkeypatch.setattr(os, "fsync", _no_space)  # as a network file system reports a full disk
+    with pytest.raises(OutOfSpace, match=rf"no room to write last.ckpt in {tmp_path}: it needs \d+ kB, .* free there"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "weights": torch.zeros(100)}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_metrics_json_write_that_runs_out_of_space_leaves_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "metrics.json"
+    experiment.write_json_atomically(path, {"status": "interrupted"})
+    monkeypatch.setattr(os, "fsync", _no_space)
+    with pytest.raises(OutOfSpace, match=rf"no room to write metrics.json in {tmp_path}: it needs 28 B, "):
+        experiment.write_json_atomically(path, {"status": "completed"})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"status": "interrupted"}
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_dataset_copy_that_runs_out_of_space_blames_the_disk_not_the_mirror(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class FullDisk(io.BytesIO):
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def opens_on_a_full_disk(path: Path, mode: str = "r", *args: object, **kwargs: object) -> object:
+        return FullDisk() if "w" in mode else open(path, mode, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(data_module, "open", opens_on_a_full_disk, raising=False)
+    raw = tmp_path / "MNIST" / "raw"
+    with pytest.raises(OutOfSpace) as error:
+        ensure_mnist(raw, str(synthetic_mnist.mirror), synthetic_mnist.sha256)
+    assert str(error.value).startswith(f"no room to write {MNIST_FILES['train_images']} in {raw}: it needs 470 kB, ")
+    assert str(error.value).endswith("(No space left on device). Free some space, then run again.")
+    assert not leftovers(raw)
+
+
+def test_stale_partial_files_of_killed_writers_are_removed_and_those_of_living_ones_kept(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".last.{int(dead.stdout)}.partial.ckpt"
+    writing = tmp_path / f".best-epoch02-acc0.9100.{os.getpid()}.partial.ckpt"
+    for path in (stale, writing, tmp_path / "last.ckpt"):
+        path.write_bytes(b"x")
+    remove_stale_partials(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([writing.name, "last.ckpt"])
+
+
+def test_a_full_disk_stops_training_in_one_line_and_resume_goes_on_once_there_is_room(
+    uninterrupted: Path, synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    code, output = train_and_signal(
+        *RESUMABLE, *synthetic_mnist.overrides(tmp_path / "data"), cwd=tmp_path, signum=signal.SIGTERM
+    )
+    assert code == 143, output
+    run_dir = only_run(tmp_path)
+    kept = {name: (run_dir / name).read_bytes() for name in ("checkpoints/last.ckpt", "metrics.json")}
+
+    # A file size limit below a checkpoint's size (ulimit -f): its write fails as on a full disk.
+    size = len(kept["checkpoints/last.ckpt"])
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HYDRA_FULL_ERROR": "0"}
+    env.pop("MNIST_MIRROR", None)
+    limited = subprocess.run(
+        [sys.executable, "-m", "mnist_lit.train", f"resume={run_dir}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2)),
+    )
+    assert limited.returncode == 2, limited.stdout + limited.stderr
+    assert "Traceback" not in limited.stdout + limited.stderr
+    (line,) = (line for line in limited.stderr.splitlines() if line.startswith("error: "))
+    assert line.startswith(f"error: no room to write best-epoch01-acc0.8600.ckpt in {run_dir / 'checkpoints'}: ")
+    assert re.search(r"it needs \d+ kB, larger than this process may write \(File too large: .*ulimit -f", line)
+    assert line.endswith(f"Free some space, then go on with: python -m mnist_lit.train resume={run_dir}.")
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+    assert not leftovers(run_dir)
+
+    result = run_module("mnist_lit.train", f"resume={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(uninterrupted))
+
+
+def test_a_run_resumed_after_its_last_checkpoint_reports_the_whole_fit(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    """As after a kill during the test: nothing is left to fit, yet metrics.json has every metric."""
+    overrides = [
+        *RESUMABLE,
+        "logger=none",
+        "callbacks.progress.mode=none",
+        *synthetic_mnist.overrides(tmp_path / "data"),
+    ]
+    finished = experiment.fit_and_test(compose_train(tmp_path / "run", *overrides))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    (tmp_path / "run" / "metrics.json").unlink()
+
+    resumed = experiment.fit_and_test(compose_train(tmp_path / "run", *overrides, f"ckpt_path={last}"))
+    assert {"val/acc_best", "train/loss", "train/acc", "val/acc"} <= resumed.keys()
+    assert comparable(resumed) == comparable(finished)
+    assert read_metrics(tmp_path / "run") == resumed
+    # The seconds of the fit the checkpoint records, and those of the resumed process.
+    carried = torch.load(last, weights_only=True)[experiment.FIT_RECORD]["seconds"]
+    assert carried <= resumed["fit_seconds"] < carried + 60
 
 
 PREPARE = """

@@ -305,3 +305,19 @@ def test_readme_results_cover_the_default_and_every_preset_over_three_seeds() ->
     labels = sorted(row.split(" | ")[0].removeprefix("| ") for row in rows)
     presets = sorted(f"experiment={path.stem}" for path in (CONF_DIR / "experiment").glob("*.yaml"))
     assert labels == sorted(["—", *presets])
+
+
+def test_records_a_kill_cut_short_never_break_the_report(tmp_path: Path) -> None:
+    """Hydra writes .hydra/*.yaml in place: a run killed in its first instant can leave one cut
+    anywhere. Such a run trained nothing; it is left out, or listed as unfinished."""
+    record = tmp_path / "record"
+    make_run(record, ["model.hidden=[16]"], hidden=[16, 8])
+    config, overrides = ((record / ".hydra" / name).read_bytes() for name in ("config.yaml", "overrides.yaml"))
+    for cut in range(max(len(config), len(overrides)) + 1):
+        run = tmp_path / "outputs" / str(cut)
+        make_run(run, [])
+        (run / ".hydra" / "config.yaml").write_bytes(config[:cut])
+        (run / ".hydra" / "overrides.yaml").write_bytes(overrides[:cut])
+    runs = find_runs([tmp_path / "outputs"])
+    assert {run.status for run in runs} == {"unfinished"}
+    assert markdown_table(runs)
