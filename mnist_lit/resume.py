@@ -19,6 +19,7 @@ The pieces, all here but the two states that live with what they describe:
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import threading
@@ -88,6 +89,7 @@ class GracefulStop(Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.resume_state = checkpoint.get(RESUME_STATE)
+        count_steps_of_automatic_optimization(checkpoint)
         check_schedule_length(trainer, pl_module, checkpoint)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -138,6 +140,17 @@ class GracefulStop(Callback):
         if stop:
             trainer.save_checkpoint(self.ckpt_path, weights_only=False)
             raise Interrupted(self.received or signal.SIGTERM, trainer.global_step, self.ckpt_path)
+
+
+def count_steps_of_automatic_optimization(checkpoint: dict[str, Any]) -> None:
+    """Carry over the optimizer steps of a checkpoint written under Lightning's automatic
+    optimization (mnist_lit 0.1), whose count the manual steps of today's training_step would
+    otherwise restart from 0 (trainer.global_step, the schedule's position, max_steps)."""
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    automatic = loops.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+    manual = loops.get("epoch_loop.manual_optimization.optim_step_progress")
+    if automatic and manual is not None and manual["total"]["completed"] == 0:
+        loops["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(automatic)
 
 
 def check_schedule_length(trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

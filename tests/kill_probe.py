@@ -74,12 +74,15 @@ def attempt(args: list[str], cwd: Path, log: Path, kill: tuple[str, float] | Non
             os.kill(pid, signal.Signals[name])
     if not ended:
         _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    # A process can end between the check and the kill: a SIGKILL landed only if it killed.
+    landed = kill is not None and not ended and (kill[0] != "SIGKILL" or code == -signal.SIGKILL)
     return {
         "args": args,
         "signal": kill[0] if kill else None,
         "delay": kill[1] if kill else None,
-        "landed": kill is not None and not ended,
-        "returncode": os.waitstatus_to_exitcode(status),
+        "landed": landed,
+        "returncode": code,
         "seconds": time.perf_counter() - started,
         "output": log.read_text(errors="replace"),
     }

@@ -124,15 +124,16 @@ def test_a_ddp_run_with_dropout_stopped_mid_epoch_and_resumed_ends_as_an_uninter
 ) -> None:
     """Each rank draws its own dropout masks and sums its own shard's training metrics: a
     checkpoint carries every rank's, not only rank 0's (the file's writer)."""
-    # 2 epochs of 25 steps per rank; ranks check for a signal every 32 steps: it stops at step 32.
-    args = [*DDP_TRAIN, "data.batch_size=10", "model.dropout=0.3"]
+    # 2 epochs of 25 steps per rank, 4 per call; ranks check for a signal once 32 steps have passed
+    # since the last check: it stops at step 33, 8 steps into the second epoch.
+    args = [*DDP_TRAIN, "data.batch_size=10", "model.dropout=0.3", "data.batches_per_call=4"]
     (tmp_path / "reference").mkdir()
     reference, _ = train_on_synthetic(synthetic_mnist, tmp_path / "reference", *args)
     data = synthetic_mnist.overrides(tmp_path / "data")
     code, output = train_and_signal(*args, *data, cwd=tmp_path, signum=signal.SIGTERM)
     assert code == 143, output
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
-    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 32
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 33
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
 
     result = run_module("mnist_lit.train", f"resume={run_dir}", cwd=tmp_path)
