@@ -73,7 +73,7 @@ WARMUP_STEPS = 20
 STARTUP_COMMANDS = {
     "interpreter": ["-c", "pass"],
     "config": ["-m", "mnist_lit.train", "--cfg", "job"],
-    "imports": ["-c", "import mnist_lit.experiment"],
+    "imports": ["-c", "import mnist_lit.run"],  # what a training run imports
 }
 
 

@@ -128,3 +128,13 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
     result = run_module("mnist_lit.bench", "--device=cuda", "--no-startup", cwd=tmp_path)
     assert result.returncode == 2
     assert "no CUDA GPU is visible" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_startup_commands_name_modules_that_exist() -> None:
+    import importlib.util
+
+    from mnist_lit.bench import STARTUP_COMMANDS
+
+    for name, args in STARTUP_COMMANDS.items():
+        module = args[1] if args[0] == "-m" else args[1].removeprefix("import ") if args[1] != "pass" else None
+        assert module is None or importlib.util.find_spec(module) is not None, name
