@@ -124,8 +124,9 @@ def run_in_process(module: str, *args: str, cwd: Path) -> Ran:
     returncode = 0
     try:
         os.chdir(cwd)
+        # As run_module's: processes the command starts (joblib's workers) import this checkout too.
+        os.environ.update(PYTHONPATH=str(PROJECT_ROOT), HYDRA_FULL_ERROR="0")
         os.environ.pop("MNIST_MIRROR", None)
-        os.environ["HYDRA_FULL_ERROR"] = "0"
         config._RUN_TAG = secrets.token_hex(3)  # what a new process draws: runs never share a folder
         sys.argv = [module, *args]
         with redirect_stdout(stdout), redirect_stderr(stderr), warnings.catch_warnings():

@@ -24,7 +24,7 @@ from mnist_lit.report import (
     write_csv,
     write_readme_results,
 )
-from tests.conftest import CONF_DIR, PROJECT_ROOT, run_module
+from tests.conftest import CONF_DIR, PROJECT_ROOT, run_in_process
 
 EPOCHS = "trainer.max_epochs=10"  # an override every run shares
 
@@ -192,7 +192,7 @@ def test_seeds_are_aggregated_as_mean_and_sample_std(runs_dir: Path) -> None:
 
 
 def test_cli_prints_markdown_and_writes_csv_and_png(runs_dir: Path, tmp_path: Path) -> None:
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.report", str(runs_dir / "multiruns"), "--csv", "runs.csv", "--plot", "runs.png", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
@@ -212,7 +212,7 @@ def test_cli_prints_markdown_and_writes_csv_and_png(runs_dir: Path, tmp_path: Pa
 def test_cli_refuses_bad_input_clearly(runs_dir: Path, tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "runs").symlink_to(runs_dir / "runs")
-    result = run_module("mnist_lit.report", *args, cwd=tmp_path)
+    result = run_in_process("mnist_lit.report", *args, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ from optuna.trial import TrialState  # noqa: E402
 
 from mnist_lit.errors import ConfigError  # noqa: E402
 from mnist_lit.search.sweeper import parse_search_space  # noqa: E402
-from tests.conftest import FAST_TRAIN, SyntheticMNIST, run_module  # noqa: E402
+from tests.conftest import FAST_TRAIN, Ran, SyntheticMNIST, run_in_process, run_module  # noqa: E402
+
+Runner = Callable[..., Ran | subprocess.CompletedProcess[str]]
 
 # FAST_TRAIN fixes data.batch_size, which takes it out of the search space. Two batches per epoch
 # keep the trials' accuracies apart (the synthetic digits are learnt perfectly in one epoch).
@@ -31,9 +34,11 @@ SEARCH = [
 
 
 def search(
-    synthetic_mnist: SyntheticMNIST, workdir: Path, sweep_dir: Path, *overrides: str
-) -> subprocess.CompletedProcess[str]:
-    result = run_module(
+    synthetic_mnist: SyntheticMNIST, workdir: Path, sweep_dir: Path, *overrides: str, run: Runner = run_in_process
+) -> Ran | subprocess.CompletedProcess[str]:
+    """A search in this process, or in a new one with `run=run_module` (DDP: Lightning starts the
+    other rank by running the command line again)."""
+    result = run(
         "mnist_lit.train",
         *SEARCH,
         *synthetic_mnist.overrides(workdir / "data"),
@@ -132,6 +137,7 @@ def test_a_pruned_trial_stops_early_and_says_so(synthetic_mnist: SyntheticMNIST,
         "trainer.max_epochs=3",
         *PRUNE_AT_ONCE,
         f"trainer={trainer}",
+        run=run_module if trainer == "ddp_cpu" else run_in_process,
     )
     (trial,) = load(sweep_dir).trials
     metrics = job_metrics(sweep_dir, 0)
@@ -150,7 +156,7 @@ def test_a_trial_is_not_pruned_after_its_last_epoch(synthetic_mnist: SyntheticMN
 
 
 def test_a_search_without_a_search_space_is_refused_clearly(tmp_path: Path) -> None:
-    result = run_module("mnist_lit.train", "-m", "hydra/sweeper=mnist_lit_optuna", cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", "-m", "hydra/sweeper=mnist_lit_optuna", cwd=tmp_path)
     assert result.returncode == 2
     assert "nothing to search" in result.stderr and "Traceback" not in result.stderr
 

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mnist_lit.callbacks import ClassificationReport, ParameterHistograms
 from mnist_lit.run import build_callbacks
-from tests.conftest import FAST_TRAIN, SyntheticMNIST, run_module
+from tests.conftest import FAST_TRAIN, SyntheticMNIST, run_in_process
 from tests.test_config import compose_train
 
 FIGURES = {"test/confusion_matrix", "test/per_class", "test/misclassified"}
@@ -19,7 +19,7 @@ PARAMETERS = {f"net.layers.{index}.{kind}" for index in (1, 3, 5) for kind in ("
 @pytest.fixture(scope="module")
 def events(synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFactory) -> EventAccumulator:
     workdir = tmp_path_factory.mktemp("tensorboard")
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.train",
         *FAST_TRAIN,
         "callbacks=histograms",
