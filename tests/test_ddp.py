@@ -109,22 +109,41 @@ def test_ddp_test_metrics_equal_a_single_process_eval(
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-6)
 
 
-def test_ddp_inside_a_multirun_keeps_each_job_in_its_folder(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
-    args = [*DDP_TRAIN, "trainer.max_epochs=1", *synthetic_mnist.overrides(tmp_path / "data")]
-    result = run_module("mnist_lit.train", "-m", *args, "model.hidden=[16],[32]", cwd=tmp_path)
+def test_ddp_inside_a_search_keeps_each_trial_in_its_folder_and_stops_a_pruned_one_on_every_rank(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    """An Optuna search is a multirun: each job runs in the sweep's process, where Lightning must
+    start the other rank for that job alone, in its folder, and the next job must start afresh.
+    Every trial is pruned at its first report: the rank Lightning starts is not told the trial,
+    and must still stop with rank 0."""
+    optuna = pytest.importorskip("optuna")
+    # A pruner no trial can satisfy; Hydra merges dicts, so the MedianPruner's settings are cleared first.
+    prune_at_once = [
+        "hydra.sweeper.pruner=null",
+        "+hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:1.1}",
+    ]
+    args = [*DDP_TRAIN, "trainer.max_epochs=3", "logger=none", *synthetic_mnist.overrides(tmp_path / "data")]
+    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", *prune_at_once]
+    result = run_module("mnist_lit.train", *search, *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     # No folder of a sweep or run started by rank 1.
     assert [path.name for path in (tmp_path / "outputs").iterdir()] == ["multiruns"]
     (sweep_dir,) = (tmp_path / "outputs" / "multiruns").iterdir()
     jobs = sorted(path for path in sweep_dir.iterdir() if path.is_dir())
     assert [job.name for job in jobs] == ["0", "1"]
-    hidden = []
-    for job in jobs:
+    trials = optuna.load_study(study_name="mlp", storage=f"sqlite:///{sweep_dir}/optuna.db").trials
+    for job, trial in zip(jobs, trials, strict=True):
         metrics = json.loads((job / "metrics.json").read_text())
-        assert metrics["status"] == "completed" and metrics["global_step"] == STEPS_PER_EPOCH
+        assert trial.state == optuna.trial.TrialState.PRUNED
+        assert metrics["status"] == "pruned" and metrics["epochs"] == 1
+        assert metrics["global_step"] == STEPS_PER_EPOCH
+        assert trial.intermediate_values == {0: pytest.approx(metrics["val/acc"])}
+        assert "test/acc" in metrics  # the run still tests its best checkpoint
         assert (job / "train_ddp_process_1.log").is_file()
-        hidden.append(torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["hidden"])
-    assert hidden == [[16], [32]]
+        # Job N ran trial N's settings.
+        saved = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+        assert saved["lr"] == pytest.approx(trial.params["model.lr"])
+    assert trials[0].params["model.lr"] != trials[1].params["model.lr"]
     assert result.stdout.count("outputs: ") == 2
 
 

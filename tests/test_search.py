@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from mnist_lit.errors import ConfigError  # noqa: E402
 from mnist_lit.search.sweeper import parse_search_space  # noqa: E402
-from tests.conftest import FAST_TRAIN, Ran, SyntheticMNIST, run_in_process, run_module  # noqa: E402
-
-Runner = Callable[..., Ran | subprocess.CompletedProcess[str]]
+from tests.conftest import FAST_TRAIN, Ran, SyntheticMNIST, run_in_process  # noqa: E402
 
 # FAST_TRAIN fixes data.batch_size, which takes it out of the search space. Two batches per epoch
 # keep the trials' accuracies apart (the synthetic digits are learnt perfectly in one epoch).
@@ -33,12 +29,8 @@ SEARCH = [
 ]
 
 
-def search(
-    synthetic_mnist: SyntheticMNIST, workdir: Path, sweep_dir: Path, *overrides: str, run: Runner = run_in_process
-) -> Ran | subprocess.CompletedProcess[str]:
-    """A search in this process, or in a new one with `run=run_module` (DDP: Lightning starts the
-    other rank by running the command line again)."""
-    result = run(
+def search(synthetic_mnist: SyntheticMNIST, workdir: Path, sweep_dir: Path, *overrides: str) -> Ran:
+    result = run_in_process(
         "mnist_lit.train",
         *SEARCH,
         *synthetic_mnist.overrides(workdir / "data"),
@@ -125,10 +117,9 @@ PRUNE_AT_ONCE = [
 ]
 
 
-@pytest.mark.parametrize("trainer", ["cpu", "ddp_cpu"])
-def test_a_pruned_trial_stops_early_and_says_so(synthetic_mnist: SyntheticMNIST, workdir: Path, trainer: str) -> None:
-    sweep_dir = workdir / f"pruned_{trainer}"
-    # Under DDP the rank Lightning starts is not told the trial: it must still stop with rank 0.
+def test_a_pruned_trial_stops_early_and_says_so(synthetic_mnist: SyntheticMNIST, workdir: Path) -> None:
+    # Under DDP: tests/test_ddp.py, whose search prunes every trial.
+    sweep_dir = workdir / "pruned"
     search(
         synthetic_mnist,
         workdir,
@@ -136,8 +127,6 @@ def test_a_pruned_trial_stops_early_and_says_so(synthetic_mnist: SyntheticMNIST,
         "hydra.sweeper.n_trials=1",
         "trainer.max_epochs=3",
         *PRUNE_AT_ONCE,
-        f"trainer={trainer}",
-        run=run_module if trainer == "ddp_cpu" else run_in_process,
     )
     (trial,) = load(sweep_dir).trials
     metrics = job_metrics(sweep_dir, 0)

@@ -1,5 +1,4 @@
-"""End to end on synthetic data, through the command line a user types (run in this process but
-for the exit code of a refused checkpoint and the folders of two processes)."""
+"""End to end on synthetic data, through the command line a user types (run in this process)."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from mnist_lit import config
 from mnist_lit.config import register
 from mnist_lit.errors import CheckpointError
 from mnist_lit.eval import evaluate
-from tests.conftest import FAST_TRAIN, PROJECT_ROOT, Ran, SyntheticMNIST, run_in_process, run_module, train_in_process
+from tests.conftest import FAST_TRAIN, PROJECT_ROOT, Ran, SyntheticMNIST, run_in_process, train_in_process
 
 register()
 
@@ -126,7 +125,7 @@ def test_resolved_config_is_saved(trained: tuple[Path, Ran]) -> None:
     ],
 )
 def test_eval_refuses_bad_checkpoints_clearly(tmp_path: Path, make_file, message: str) -> None:
-    # In-process; the exit code and the absence of a traceback are the next test's (a process's).
+    # Here the error itself; its exit code and the absence of a traceback are the next test's.
     path = tmp_path / "model.ckpt"
     make_file(path)
     with initialize_config_module(config_module="mnist_lit.conf", version_base="1.3"):
@@ -149,7 +148,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": _Payload(marker)}, path, pickle_module=pickle)
-    result = run_module("mnist_lit.eval", f"ckpt_path={path}", cwd=tmp_path)
+    result = run_in_process("mnist_lit.eval", f"ckpt_path={path}", cwd=tmp_path)
     assert result.returncode == 2
     assert "could run code" in result.stderr
     assert not marker.exists()
