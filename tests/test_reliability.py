@@ -19,6 +19,7 @@ import joblib
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from joblib.externals.loky import get_reusable_executor
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -328,7 +329,9 @@ from pathlib import Path
 from mnist_lit.data import ensure_mnist
 ready, raw, mirror, sha256 = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 (ready / "other").touch()
+deadline = time.monotonic() + 120
 while not (ready / "this").exists():
+    assert time.monotonic() < deadline, "the test process never got ready"
     time.sleep(0.001)
 ensure_mnist(raw, mirror, sha256)
 """
@@ -343,13 +346,16 @@ def test_two_processes_preparing_the_dataset_at_once_both_get_intact_files(
     args = [str(ready), str(raw), str(synthetic_mnist.mirror), json.dumps(synthetic_mnist.sha256)]
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     other = subprocess.Popen([sys.executable, "-c", PREPARE, *args], env=env)
-    # This process is the second one: both start together, once the other has imported torch.
-    deadline = time.monotonic() + 120
-    while not (ready / "other").exists() and other.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
-    (ready / "this").touch()
-    ensure_mnist(raw, str(synthetic_mnist.mirror), synthetic_mnist.sha256)
-    assert other.wait(timeout=120) == 0
+    try:
+        # This process is the second one: both start together, once the other has imported torch.
+        deadline = time.monotonic() + 120
+        while not (ready / "other").exists() and other.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        (ready / "this").touch()
+        ensure_mnist(raw, str(synthetic_mnist.mirror), synthetic_mnist.sha256)
+        assert other.wait(timeout=120) == 0
+    finally:
+        other.kill()  # if this process failed first
     assert sorted(path.name for path in raw.iterdir()) == sorted([*MNIST_FILES.values(), ".lock"])
     for key, name in MNIST_FILES.items():
         assert hashlib.sha256((raw / name).read_bytes()).hexdigest() == synthetic_mnist.sha256[key]
@@ -371,6 +377,8 @@ def test_parallel_sweep_jobs_divide_the_cores_share_the_data_folder_and_clobber_
         *synthetic_mnist.overrides(tmp_path / "data"),  # a fresh data folder: both jobs prepare it
         cwd=tmp_path,
     )
+    # joblib keeps its workers for this process's next sweep; the command's own process would end here.
+    get_reusable_executor(reuse=True).shutdown(wait=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     (sweep,) = (tmp_path / "outputs" / "multiruns").iterdir()
