@@ -21,6 +21,7 @@ import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import pytest
@@ -148,7 +149,15 @@ def run_in_process(module: str, *args: str, cwd: Path) -> Ran:
     return Ran(returncode, stdout.getvalue(), stderr.getvalue())
 
 
-def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+def _print_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Python's own display of a warning, on the command's (captured) stderr."""
     sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
