@@ -3,8 +3,9 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 ARGS ?=
-# pytest-xdist: one worker per core (at most 4); each test trains with one thread. PARALLEL= runs serially.
-PARALLEL ?= -n auto --maxprocesses=4
+# pytest-xdist: one worker per core (at most 4); each test trains with one thread. Each file goes to one
+# worker, so its module-scoped runs (a trained model, a DDP run, a built wheel) happen once. PARALLEL= runs serially.
+PARALLEL ?= -n auto --maxprocesses=4 --dist loadfile
 
 .DEFAULT_GOAL := help
 

@@ -1,19 +1,34 @@
-"""Shared fixtures: a tiny synthetic MNIST written as real IDX files, and CLI runners."""
+"""Shared fixtures: a tiny synthetic MNIST written as real IDX files, and CLI runners: in this
+process (`run_in_process`, what most tests use) or in a new one (`run_module`, for what only a
+process shows: exit by signal, DDP ranks, parallel jobs, imports of a fresh interpreter)."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import logging
 import os
+import random
+import runpy
+import secrets
+import signal
 import struct
 import subprocess
 import sys
+import traceback
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
 
+from mnist_lit import config
 from mnist_lit.mnist import MNIST_FILES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -80,11 +95,140 @@ def run_module(module: str, *args: str, cwd: Path, timeout: float = 300) -> subp
     )
 
 
+@dataclass
+class Ran:
+    """What a command run by `run_in_process` left, named as subprocess.CompletedProcess names it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+# The warning filters of a fresh interpreter (Python's defaults): pytest's own are stricter.
+FRESH_WARNING_FILTERS = [
+    ("default", DeprecationWarning, "__main__"),
+    ("ignore", DeprecationWarning, ""),
+    ("ignore", PendingDeprecationWarning, ""),
+    ("ignore", ImportWarning, ""),
+    ("ignore", ResourceWarning, ""),
+]
+
+
+def run_in_process(module: str, *args: str, cwd: Path) -> Ran:
+    """`python -m module args` as `run_module` runs it, but in this process: the module's code run as
+    `__main__` (runpy, as `python -m` does), its exit code, and what it printed, without the seconds
+    a new interpreter spends importing torch and Lightning. What the command changes in the process
+    (working folder, environment, logging, Hydra's state, torch's threads and random states, signal
+    handlers) is put back afterwards, so that the next test starts as in a fresh process."""
+    state = _ProcessState()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    returncode = 0
+    try:
+        os.chdir(cwd)
+        # As run_module's: processes the command starts (joblib's workers) import this checkout too.
+        os.environ.update(PYTHONPATH=str(PROJECT_ROOT), HYDRA_FULL_ERROR="0")
+        os.environ.pop("MNIST_MIRROR", None)
+        config._RUN_TAG = secrets.token_hex(3)  # what a new process draws: runs never share a folder
+        sys.argv = [module, *args]
+        with redirect_stdout(stdout), redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category, module_name in FRESH_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=module_name)
+            # runpy's note that the module was imported before (by a test): a new process has not.
+            warnings.filterwarnings("ignore", "'mnist_lit.* found in sys.modules", RuntimeWarning)
+            warnings.showwarning = _print_warning
+            try:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            except SystemExit as stop:
+                returncode = _exit_status(stop.code)
+            except Exception:  # what the interpreter does with an exception nobody caught
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        state.restore()
+    return Ran(returncode, stdout.getvalue(), stderr.getvalue())
+
+
+def _print_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Python's own display of a warning, on the command's (captured) stderr."""
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _exit_status(code: object) -> int:
+    """The status `SystemExit(code)` gives the shell: 0 for None, the number, or 1 after printing a message."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
+
+
+class _ProcessState:
+    """What a command may change in the process it runs in, saved, to be put back by `restore`."""
+
+    def __init__(self) -> None:
+        self.cwd = os.getcwd()
+        self.environ = dict(os.environ)
+        self.argv = sys.argv[:]
+        self.run_tag = config._RUN_TAG
+        self.hydra = HydraConfig.instance().cfg
+        self.threads = torch.get_num_threads()
+        self.rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        self.signals = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        self.logging_disabled = logging.root.manager.disable
+        self.loggers = {
+            logger: (logger.handlers[:], logger.level, logger.propagate, logger.disabled)
+            for logger in [logging.root, *logging.root.manager.loggerDict.values()]
+            if isinstance(logger, logging.Logger)
+        }
+
+    def restore(self) -> None:
+        os.chdir(self.cwd)
+        os.environ.clear()
+        os.environ.update(self.environ)
+        sys.argv = self.argv
+        config._RUN_TAG = self.run_tag
+        HydraConfig.instance().cfg = self.hydra
+        torch.set_num_threads(self.threads)
+        torch.set_rng_state(self.rng[0])
+        np.random.set_state(self.rng[1])
+        random.setstate(self.rng[2])
+        for signum, handler in self.signals.items():
+            signal.signal(signum, handler)
+        # Hydra configured logging for the run (a console handler writing to the captured output,
+        # a file handler on <run>/<job>.log): close those, give the loggers back their old setup.
+        logging.disable(self.logging_disabled)
+        for logger in [logging.root, *logging.root.manager.loggerDict.values()]:
+            if not isinstance(logger, logging.Logger):
+                continue
+            handlers, level, propagate, disabled = self.loggers.get(logger, ([], logging.NOTSET, True, False))
+            for handler in logger.handlers:
+                if handler not in handlers:
+                    handler.close()
+            logger.handlers[:] = handlers
+            logger.propagate, logger.disabled = propagate, disabled
+            logger.setLevel(level)
+
+
 def train_on_synthetic(
     synthetic: SyntheticMNIST, workdir: Path, *overrides: str
 ) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """One `python -m mnist_lit.train` on the synthetic data in `workdir`: its run folder and process."""
     result = run_module("mnist_lit.train", *overrides, *synthetic.overrides(workdir / "data"), cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run_dir,) = (workdir / "outputs" / "runs").iterdir()
+    return run_dir, result
+
+
+def train_in_process(synthetic: SyntheticMNIST, workdir: Path, *overrides: str) -> tuple[Path, Ran]:
+    """`train_on_synthetic`, run in this process (`run_in_process`): its run folder and what it printed."""
+    result = run_in_process("mnist_lit.train", *overrides, *synthetic.overrides(workdir / "data"), cwd=workdir)
     assert result.returncode == 0, result.stdout + result.stderr
     (run_dir,) = (workdir / "outputs" / "runs").iterdir()
     return run_dir, result

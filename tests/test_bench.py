@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import SyntheticMNIST, run_module
+from tests.conftest import Ran, SyntheticMNIST, run_in_process
 
 METHODS = ("mnist_lit", "classic", "plain", "numpy", "lightning")
 
 
 @pytest.fixture(scope="module")
-def bench(
-    synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[dict, subprocess.CompletedProcess[str]]:
+def bench(synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Ran]:
     workdir = tmp_path_factory.mktemp("bench")
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.bench",
         "--device=cpu",
         "--batch-sizes",
@@ -36,7 +33,7 @@ def bench(
     return json.loads((workdir / "results" / "bench.json").read_text()), result
 
 
-def test_every_method_is_timed_at_every_batch_size(bench: tuple[dict, subprocess.CompletedProcess[str]]) -> None:
+def test_every_method_is_timed_at_every_batch_size(bench: tuple[dict, Ran]) -> None:
     report, _ = bench
     assert sorted(report["batch_sizes"], key=int) == ["50", "100"]  # JSON keys are sorted as text
     for batch_size, result in report["batch_sizes"].items():
@@ -49,7 +46,7 @@ def test_every_method_is_timed_at_every_batch_size(bench: tuple[dict, subprocess
             assert values["samples_per_s"] == pytest.approx(result["samples"] / values["median_wall_s"], rel=1e-2)
 
 
-def test_ratios_are_of_epoch_times_per_round(bench: tuple[dict, subprocess.CompletedProcess[str]]) -> None:
+def test_ratios_are_of_epoch_times_per_round(bench: tuple[dict, Ran]) -> None:
     report, _ = bench
     result = report["batch_sizes"]["50"]
     mnist_lit, plain = result["methods"]["mnist_lit"], result["methods"]["plain"]
@@ -58,7 +55,7 @@ def test_ratios_are_of_epoch_times_per_round(bench: tuple[dict, subprocess.Compl
     assert set(result["time_ratios"]) == {"mnist_lit/plain", "classic/mnist_lit", "lightning/plain"}
 
 
-def test_report_names_the_machine_and_prints_a_table(bench: tuple[dict, subprocess.CompletedProcess[str]]) -> None:
+def test_report_names_the_machine_and_prints_a_table(bench: tuple[dict, Ran]) -> None:
     report, result = bench
     machine = report["machine"]
     assert machine["device"] == "cpu" and machine["threads"] == 1  # the default config's threads
@@ -80,7 +77,7 @@ def test_report_names_the_machine_and_prints_a_table(bench: tuple[dict, subproce
 def test_compare_times_each_method_with_and_without_the_overrides_in_the_same_rounds(
     synthetic_mnist: SyntheticMNIST, tmp_path: Path
 ) -> None:
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.bench",
         "--device=cpu",
         "--batch-sizes=50",
@@ -106,26 +103,26 @@ def test_compare_times_each_method_with_and_without_the_overrides_in_the_same_ro
 
 
 def test_a_bad_compare_override_fails_before_any_work(tmp_path: Path) -> None:
-    result = run_module("mnist_lit.bench", "--no-startup", "--compare=model.hiden=[8]", cwd=tmp_path)
+    result = run_in_process("mnist_lit.bench", "--no-startup", "--compare=model.hiden=[8]", cwd=tmp_path)
     assert result.returncode == 2
     assert "model.hiden" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unknown_method_is_refused_before_any_work(tmp_path: Path) -> None:
-    result = run_module("mnist_lit.bench", "--methods=mnist_lit,tensorflow", cwd=tmp_path)
+    result = run_in_process("mnist_lit.bench", "--methods=mnist_lit,tensorflow", cwd=tmp_path)
     assert result.returncode == 2
     assert "unknown tensorflow" in result.stderr
 
 
 def test_a_misspelt_override_is_a_clear_error(tmp_path: Path) -> None:
-    result = run_module("mnist_lit.bench", "--no-startup", "model.hiden=[8]", cwd=tmp_path)
+    result = run_in_process("mnist_lit.bench", "--no-startup", "model.hiden=[8]", cwd=tmp_path)
     assert result.returncode == 2
     assert "model.hiden" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
-    result = run_module("mnist_lit.bench", "--device=cuda", "--no-startup", cwd=tmp_path)
+    result = run_in_process("mnist_lit.bench", "--device=cuda", "--no-startup", cwd=tmp_path)
     assert result.returncode == 2
     assert "no CUDA GPU is visible" in result.stderr and "Traceback" not in result.stderr
 

@@ -17,7 +17,7 @@ from mnist_lit.checkpoint import load_classifier
 from mnist_lit.config import register
 from mnist_lit.eval import evaluate
 from mnist_lit.predict import predict
-from tests.conftest import CONF_DIR, PROJECT_ROOT, SyntheticMNIST, make_digits, run_module
+from tests.conftest import CONF_DIR, PROJECT_ROOT, SyntheticMNIST, make_digits, run_in_process
 
 register()
 
@@ -71,13 +71,13 @@ def test_resume_loads_an_old_run(synthetic_mnist: SyntheticMNIST, tmp_path: Path
     # The old run read its data from /tmp/oldrun: point the resumed run at this machine's copy.
     data = [f"data.root={tmp_path / 'data'}", f"data.mirror={synthetic_mnist.mirror}"]
     # It had finished: resuming restores every state (weights, optimizer, schedule, callbacks) and tests again.
-    result = run_module("mnist_lit.train", f"resume={run}", *data, cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", f"resume={run}", *data, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["global_step"] == OLD_METRICS["global_step"]
     assert metrics["test/loss"] == pytest.approx(OLD_METRICS["test/loss"], abs=1e-6)
     # Its OneCycle schedule was laid out over 1 epoch, so it cannot simply train longer.
-    result = run_module("mnist_lit.train", f"resume={run}", "trainer.max_epochs=2", *data, cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", f"resume={run}", "trainer.max_epochs=2", *data, cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error: this run plans 20 optimizer steps, but its checkpoint's model.scheduler=onecycle" in result.stderr
     assert "Traceback" not in result.stderr

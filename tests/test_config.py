@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from mnist_lit.config import register
 from mnist_lit.errors import ConfigError
 from mnist_lit.run import build_run, trainer_arguments
-from tests.conftest import CONF_DIR, run_module
+from tests.conftest import CONF_DIR, run_in_process
 
 register()
 
@@ -198,7 +198,7 @@ def test_synced_batch_norm_is_refused_without_a_gpu_and_on_by_default_for_gpu_dd
     ],
 )
 def test_cli_reports_bad_input_without_traceback(tmp_path: Path, override: str, message: str) -> None:
-    result = run_module("mnist_lit.train", override, "data.mirror=/nonexistent", cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", override, "data.mirror=/nonexistent", cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert message in output
@@ -207,7 +207,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path: Path, override: str, 
 
 
 def test_cli_help_lists_the_groups(tmp_path: Path) -> None:
-    result = run_module("mnist_lit.train", "--help", cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", "--help", cwd=tmp_path)
     assert result.returncode == 0
     for group in ("data:", "model:", "trainer:", "logger:", "callbacks:", "experiment:"):
         assert group in result.stdout
@@ -215,7 +215,7 @@ def test_cli_help_lists_the_groups(tmp_path: Path) -> None:
 
 
 def test_cli_cfg_job_prints_the_resolved_config(tmp_path: Path) -> None:
-    result = run_module("mnist_lit.train", "--cfg", "job", "model.hidden=[32]", cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", "--cfg", "job", "model.hidden=[32]", cwd=tmp_path)
     assert result.returncode == 0
     assert "hidden:\n  - 32" in result.stdout or "hidden:\n  - 32" in result.stdout.replace("    ", "  ")
     assert not (tmp_path / "outputs").exists()

@@ -1,6 +1,8 @@
 """DDP through Lightning (2 CPU processes, gloo) and SLURM through Hydra's submitit launcher.
 
-The runs go through the command line a user types, on the synthetic digits.
+The runs go through the command line a user types, on the synthetic digits: in new processes, as
+Lightning starts the other rank by running the command line again. An evaluation, a submission to
+a stand-in sbatch and the command that hands tasks to submitit's local executor run in this process.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -27,7 +28,14 @@ from mnist_lit.config import register, to_plain
 from mnist_lit.model import MLP
 from mnist_lit.module import PENDING_TRAIN_INPUTS
 from mnist_lit.resume import RESUME_STATE
-from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_module, train_on_synthetic
+from tests.conftest import (
+    CONF_DIR,
+    FAST_TRAIN,
+    SyntheticMNIST,
+    run_in_process,
+    run_module,
+    train_on_synthetic,
+)
 from tests.test_reliability import comparable, train_and_signal
 from tests.test_views import read_projection
 
@@ -44,7 +52,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_run(synthetic_mnist: SyntheticMNIST, workdir: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    return train_on_synthetic(synthetic_mnist, workdir, *DDP_TRAIN)
+    """A DDP run that also records the rows each rank is given (tests/ddp_probe.py) in workdir/rows."""
+    rows = f"+callbacks.rows={{_target_:tests.ddp_probe.RowRecorder,out:'{workdir / 'rows'}'}}"
+    return train_on_synthetic(synthetic_mnist, workdir, *DDP_TRAIN, rows)
 
 
 def test_ddp_run_leaves_one_run_folder_written_once(ddp_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
@@ -105,7 +115,7 @@ def test_ddp_test_metrics_equal_a_single_process_eval(
     otherwise rank 0 would report its half of the test set, or some images twice."""
     run_dir, _ = ddp_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.eval", f"ckpt_path={metrics['ckpt_path']}", f"data.mirror={synthetic_mnist.mirror}", cwd=workdir
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -146,43 +156,49 @@ def test_a_ddp_run_with_dropout_stopped_mid_epoch_and_resumed_ends_as_an_uninter
     assert not torch.equal(ranks[0][0][1], ranks[1][0][1])  # each rank's own labels of the epoch so far
 
 
-def test_ddp_inside_a_multirun_keeps_each_job_in_its_folder(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
-    args = [*DDP_TRAIN, "trainer.max_epochs=1", *synthetic_mnist.overrides(tmp_path / "data")]
-    result = run_module("mnist_lit.train", "-m", *args, "model.hidden=[16],[32]", cwd=tmp_path)
+def test_ddp_inside_a_search_keeps_each_trial_in_its_folder_and_stops_a_pruned_one_on_every_rank(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    """An Optuna search is a multirun: each job runs in the sweep's process, where Lightning must
+    start the other rank for that job alone, in its folder, and the next job must start afresh.
+    Every trial is pruned at its first report: the rank Lightning starts is not told the trial,
+    and must still stop with rank 0."""
+    optuna = pytest.importorskip("optuna")
+    # A pruner no trial can satisfy; Hydra merges dicts, so the MedianPruner's settings are cleared first.
+    prune_at_once = [
+        "hydra.sweeper.pruner=null",
+        "+hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:1.1}",
+    ]
+    args = [*DDP_TRAIN, "trainer.max_epochs=3", "logger=none", *synthetic_mnist.overrides(tmp_path / "data")]
+    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", *prune_at_once]
+    result = run_module("mnist_lit.train", *search, *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     # No folder of a sweep or run started by rank 1.
     assert [path.name for path in (tmp_path / "outputs").iterdir()] == ["multiruns"]
     (sweep_dir,) = (tmp_path / "outputs" / "multiruns").iterdir()
     jobs = sorted(path for path in sweep_dir.iterdir() if path.is_dir())
     assert [job.name for job in jobs] == ["0", "1"]
-    hidden = []
-    for job in jobs:
+    trials = optuna.load_study(study_name="mlp", storage=f"sqlite:///{sweep_dir}/optuna.db").trials
+    for job, trial in zip(jobs, trials, strict=True):
         metrics = json.loads((job / "metrics.json").read_text())
-        assert metrics["status"] == "completed" and metrics["global_step"] == STEPS_PER_EPOCH
+        assert trial.state == optuna.trial.TrialState.PRUNED
+        assert metrics["status"] == "pruned" and metrics["epochs"] == 1
+        assert metrics["global_step"] == STEPS_PER_EPOCH
+        assert trial.intermediate_values == {0: pytest.approx(metrics["val/acc"])}
+        assert "test/acc" in metrics  # the run still tests its best checkpoint
         assert (job / "train_ddp_process_1.log").is_file()
-        hidden.append(torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["hidden"])
-    assert hidden == [[16], [32]]
+        # Job N ran trial N's settings.
+        saved = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+        assert saved["lr"] == pytest.approx(trial.params["model.lr"])
+    assert trials[0].params["model.lr"] != trials[1].params["model.lr"]
     assert result.stdout.count("outputs: ") == 2
 
 
-def test_each_rank_gets_a_disjoint_shard(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
-    """A real 2-process DDP fit and test, recording the rows each rank was given (tests/ddp_probe.py)."""
-    options = {
-        "root": str(tmp_path / "data"),
-        "mirror": str(synthetic_mnist.mirror),
-        "sha256": synthetic_mnist.sha256,
-        "out": str(tmp_path),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.ddp_probe", json.dumps(options)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+def test_each_rank_gets_a_disjoint_shard(
+    ddp_run: tuple[Path, subprocess.CompletedProcess[str]], synthetic_mnist: SyntheticMNIST, workdir: Path
+) -> None:
+    """The DDP run's fit and test, as the rows each rank was given show them."""
+    ranks = [json.loads((workdir / "rows" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [rank["world_size"] for rank in ranks] == [2, 2]
     seen = [rank["seen"] for rank in ranks]
     for epoch in ("0", "1"):
@@ -253,7 +269,7 @@ def test_slurm_sweep_submits_one_array_of_multi_node_jobs(tmp_path: Path, monkey
         script.write_text(f"#!/bin/sh\n{body}\n")
         script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.train",
         "-m",
         "hydra/launcher=slurm",
@@ -283,7 +299,8 @@ def test_slurm_sweep_submits_one_array_of_multi_node_jobs(tmp_path: Path, monkey
 def test_submitit_local_runs_the_ranks_as_slurm_would(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
     """hydra/launcher=slurm_local: submitit starts one process per device, as SLURM tasks."""
     args = [*DDP_TRAIN, "trainer.max_epochs=1", *synthetic_mnist.overrides(tmp_path / "data")]
-    result = run_module("mnist_lit.train", "-m", "hydra/launcher=slurm_local", *args, cwd=tmp_path)
+    # The command in this process; submitit starts the two tasks in processes of their own.
+    result = run_in_process("mnist_lit.train", "-m", "hydra/launcher=slurm_local", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     (sweep_dir,) = (tmp_path / "outputs" / "multiruns").iterdir()
     assert sorted(path.name for path in sweep_dir.iterdir()) == [".submitit", "0", "multirun.yaml"]

@@ -18,7 +18,7 @@ from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import ConfigError, DataError, ExportError
 from mnist_lit.export import export, export_onnx, export_pt2, pt2_runner
 from mnist_lit.module import MNISTClassifier
-from tests.conftest import CONF_DIR, SyntheticMNIST, run_module
+from tests.conftest import CONF_DIR, SyntheticMNIST, run_in_process
 from tests.test_predict import save_checkpoint
 
 register()
@@ -100,7 +100,7 @@ def fitted(synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFac
 def test_export_cli_writes_onnx_and_reports_agreement_on_the_test_set(
     fitted: Path, synthetic_mnist: SyntheticMNIST, tmp_path: Path
 ) -> None:
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.export",
         f"ckpt_path={fitted}",
         "format=onnx",
@@ -195,6 +195,6 @@ def test_bad_settings_are_refused_clearly(fitted: Path, tmp_path: Path, override
 
 
 def test_help_explains_the_input_layout(tmp_path: Path) -> None:
-    result = run_module("mnist_lit.export", "--help", cwd=tmp_path)
+    result = run_in_process("mnist_lit.export", "--help", cwd=tmp_path)
     assert result.returncode == 0
     assert "float32 [batch, 1, 28, 28]" in result.stdout and "format=onnx|pt2" in result.stdout

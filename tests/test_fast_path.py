@@ -1,12 +1,12 @@
 """What makes training fast keeps it correct: metrics updated once per epoch, compiled models,
-threads, parallel sweeps, and on a GPU a dataset that never leaves the device."""
+threads, and on a GPU a dataset that never leaves the device. (Parallel sweeps dividing the cores:
+tests/test_reliability.py, whose joblib sweep checks that too.)"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import joblib
 import lightning as L
 import pytest
 import torch
@@ -127,31 +127,6 @@ def test_fast_experiment_trades_epochs_for_batch_size_and_skips_the_extras() -> 
     assert cfg.trainer.max_epochs < default.trainer.max_epochs
     assert cfg.data.batch_size > default.data.batch_size
     assert not cfg.logger
-
-
-def test_joblib_sweep_runs_jobs_in_parallel_with_the_cores_divided(
-    synthetic_mnist: SyntheticMNIST, tmp_path: Path
-) -> None:
-    result = run_module(
-        "mnist_lit.train",
-        "-m",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "threads=null",  # torch's default, which loky sets in each worker
-        "seed=1,2",
-        *FAST_TRAIN,
-        "trainer.max_epochs=1",
-        *synthetic_mnist.overrides(tmp_path / "data"),
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
-    (sweep_dir,) = (tmp_path / "outputs" / "multiruns").iterdir()
-    for job in ("0", "1"):
-        metrics = json.loads((sweep_dir / job / "metrics.json").read_text())
-        assert metrics["status"] == "completed"
-        # loky gives each of its workers cpu_count // n_jobs threads: no oversubscription.
-        assert metrics["threads"] == max(1, joblib.cpu_count() // 2)
 
 
 @needs_cuda

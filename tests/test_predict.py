@@ -1,4 +1,4 @@
-"""Predicting digits in image files, through the command line a user types.
+"""Predicting digits in image files, through the command line a user types (run in this process).
 
 The checkpoint holds an MLP fitted in a second to digits drawn in Pillow's default font, so its
 predictions mean something, and every digit below is drawn at a size, stroke width, position and
@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from mnist_lit.errors import CheckpointError, ConfigError
 from mnist_lit.module import MNISTClassifier
 from mnist_lit.predict import predict
 from mnist_lit.preprocess import ImageError, load_digit, normalize, to_mnist
-from tests.conftest import CONF_DIR, run_module
+from tests.conftest import CONF_DIR, Ran, run_in_process
 
 register()
 
@@ -131,10 +130,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def folder_run(checkpoint: Path, workdir: Path) -> tuple[dict[str, int], subprocess.CompletedProcess[str]]:
+def folder_run(checkpoint: Path, workdir: Path) -> tuple[dict[str, int], Ran]:
     """The digits folder predicted with JSON output and the preprocessed images saved."""
     truth = write_digits(workdir / "digits")
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.predict",
         f"ckpt_path={checkpoint}",
         "inputs=[digits/]",
@@ -147,7 +146,7 @@ def folder_run(checkpoint: Path, workdir: Path) -> tuple[dict[str, int], subproc
 
 
 def test_rendered_digits_are_recognised_at_every_size_stroke_position_and_polarity(
-    folder_run: tuple[dict[str, int], subprocess.CompletedProcess[str]], workdir: Path
+    folder_run: tuple[dict[str, int], Ran], workdir: Path
 ) -> None:
     truth, _ = folder_run
     records = json.loads((workdir / "preds.json").read_text())
@@ -157,7 +156,7 @@ def test_rendered_digits_are_recognised_at_every_size_stroke_position_and_polari
 
 
 def test_json_records_hold_the_prediction_and_all_ten_probabilities(
-    folder_run: tuple[dict[str, int], subprocess.CompletedProcess[str]], workdir: Path
+    folder_run: tuple[dict[str, int], Ran], workdir: Path
 ) -> None:
     for record in json.loads((workdir / "preds.json").read_text()):
         assert set(record) == {"path", "prediction", "probabilities", "preprocessed"}
@@ -167,9 +166,7 @@ def test_json_records_hold_the_prediction_and_all_ten_probabilities(
         assert record["prediction"] == int(np.argmax(probabilities))
 
 
-def test_console_shows_each_image_with_its_top_three(
-    folder_run: tuple[dict[str, int], subprocess.CompletedProcess[str]], workdir: Path
-) -> None:
+def test_console_shows_each_image_with_its_top_three(folder_run: tuple[dict[str, int], Ran], workdir: Path) -> None:
     truth, result = folder_run
     lines = result.stdout.splitlines()
     assert len(lines) == len(truth)
@@ -185,9 +182,7 @@ def test_console_shows_each_image_with_its_top_three(
     assert percentages[0] == pytest.approx(100 * max(record["probabilities"]), abs=0.05)
 
 
-def test_preprocessed_images_are_what_the_model_saw(
-    folder_run: tuple[dict[str, int], subprocess.CompletedProcess[str]], workdir: Path
-) -> None:
+def test_preprocessed_images_are_what_the_model_saw(folder_run: tuple[dict[str, int], Ran], workdir: Path) -> None:
     truth, _ = folder_run
     saved = sorted(path.name for path in (workdir / "seen").iterdir())
     assert saved == sorted(f"{Path(name).stem}.png" for name in truth)
@@ -199,7 +194,7 @@ def test_preprocessed_images_are_what_the_model_saw(
 
 
 def test_probabilities_use_the_normalization_the_checkpoint_was_trained_with(
-    folder_run: tuple[dict[str, int], subprocess.CompletedProcess[str]], checkpoint: Path, workdir: Path
+    folder_run: tuple[dict[str, int], Ran], checkpoint: Path, workdir: Path
 ) -> None:
     # The least confident prediction: the one whose probabilities depend most on the inputs.
     record = min(json.loads((workdir / "preds.json").read_text()), key=lambda record: max(record["probabilities"]))
@@ -215,9 +210,7 @@ def test_probabilities_use_the_normalization_the_checkpoint_was_trained_with(
     assert np.abs(probabilities() - probabilities(**DATA_STATS)).max() > 1e-2  # MNIST's would not do
 
 
-def test_the_run_writes_only_what_was_asked_for(
-    folder_run: tuple[dict[str, int], subprocess.CompletedProcess[str]], workdir: Path
-) -> None:
+def test_the_run_writes_only_what_was_asked_for(folder_run: tuple[dict[str, int], Ran], workdir: Path) -> None:
     assert sorted(path.name for path in workdir.iterdir()) == ["digits", "preds.json", "seen"]
 
 
@@ -225,7 +218,7 @@ INPUTS = ["three.png", "corrupt.png", "empty.png", "notes.txt", "missing.png", "
 
 
 @pytest.fixture(scope="module")
-def mixed_run(checkpoint: Path, workdir: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def mixed_run(checkpoint: Path, workdir: Path) -> tuple[Path, Ran]:
     """Good images mixed with every kind of unreadable input, written as CSV."""
     folder = workdir / "mixed"
     folder.mkdir()
@@ -236,7 +229,7 @@ def mixed_run(checkpoint: Path, workdir: Path) -> tuple[Path, subprocess.Complet
     (folder / "notes.txt").write_text("not an image\n")
     Image.new("L", (40, 40), 255).save(folder / "blank.png")
     (folder / "no-images").mkdir()
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.predict",
         f"ckpt_path={checkpoint}",
         f"inputs=[{','.join(INPUTS)}]",
@@ -247,7 +240,7 @@ def mixed_run(checkpoint: Path, workdir: Path) -> tuple[Path, subprocess.Complet
 
 
 def test_unreadable_files_get_an_error_each_and_the_rest_is_predicted(
-    mixed_run: tuple[Path, subprocess.CompletedProcess[str]],
+    mixed_run: tuple[Path, Ran],
 ) -> None:
     folder, result = mixed_run
     assert result.returncode == 0, result.stderr
@@ -278,7 +271,7 @@ def test_unreadable_files_get_an_error_each_and_the_rest_is_predicted(
 
 
 def test_help_explains_usage_and_keys(tmp_path: Path) -> None:
-    result = run_module("mnist_lit.predict", "--help", cwd=tmp_path)
+    result = run_in_process("mnist_lit.predict", "--help", cwd=tmp_path)
     assert result.returncode == 0
     for text in ("Usage: python -m mnist_lit.predict ckpt_path=", "save_preprocessed", "top_k", "Exit code"):
         assert text in result.stdout
@@ -402,7 +395,7 @@ def test_a_model_trained_briefly_on_real_mnist_reads_handwriting_like_digits(tmp
     read pen-drawn digits of any size, stroke width and polarity (all 80 when this was written)."""
     mirror = f"data.mirror={Path(MIRROR).resolve()}"
     train = ["trainer=cpu", "trainer.max_epochs=2", "logger=none", "test=false"]
-    result = run_module("mnist_lit.train", mirror, *train, cwd=tmp_path, timeout=900)
+    result = run_in_process("mnist_lit.train", mirror, *train, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
 
@@ -413,7 +406,7 @@ def test_a_model_trained_briefly_on_real_mnist_reads_handwriting_like_digits(tmp
                 for digit in range(10):
                     name = f"{digit}_{size}_{width}_{'light' if light_on_dark else 'dark'}.png"
                     handwrite(digit, size, round(width * size), light_on_dark).save(tmp_path / "digits" / name)
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.predict",
         f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
         "inputs=[digits/]",

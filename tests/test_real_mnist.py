@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_module
+from tests.conftest import run_in_process
 
 MIRROR = os.environ.get("MNIST_MIRROR")
 
@@ -19,9 +19,7 @@ pytestmark = [
 
 
 def test_default_config_reaches_97_5_percent_on_the_official_test_set(tmp_path: Path) -> None:
-    result = run_module(
-        "mnist_lit.train", f"data.mirror={Path(MIRROR).resolve()}", "trainer=cpu", cwd=tmp_path, timeout=900
-    )
+    result = run_in_process("mnist_lit.train", f"data.mirror={Path(MIRROR).resolve()}", "trainer=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import joblib
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from joblib.externals.loky import get_reusable_executor
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -37,7 +39,7 @@ from mnist_lit.files import remove_stale_partials, remove_unused_run_folder
 from mnist_lit.mnist import MNIST_FILES
 from mnist_lit.module import MNISTClassifier
 from mnist_lit.preflight import check_writable
-from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_module
+from tests.conftest import CONF_DIR, FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_in_process
 
 register()
 
@@ -58,7 +60,7 @@ needs_non_root = pytest.mark.skipif(os.geteuid() == 0, reason="root reads and wr
 
 
 def start_training(*args: str, cwd: Path) -> subprocess.Popen[str]:
-    """`python -m mnist_lit.train args` as run_module starts it, but without waiting for it."""
+    """`python -m mnist_lit.train args` in a new process, as run_module starts it, but without waiting for it."""
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HYDRA_FULL_ERROR": "0"}
     env.pop("MNIST_MIRROR", None)
     return subprocess.Popen(
@@ -116,7 +118,7 @@ def compose_train(output_dir: Path, *overrides: str) -> DictConfig:
 @pytest.fixture(scope="module")
 def uninterrupted(synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_module("mnist_lit.train", *RESUMABLE, *synthetic_mnist.overrides(workdir / "data"), cwd=workdir)
+    result = run_in_process("mnist_lit.train", *RESUMABLE, *synthetic_mnist.overrides(workdir / "data"), cwd=workdir)
     assert result.returncode == 0, result.stdout + result.stderr
     return only_run(workdir)
 
@@ -139,7 +141,7 @@ def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(
     assert stopped["resume_from"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert not leftovers(run_dir)
 
-    result = run_module("mnist_lit.train", *RESUMABLE, *data, f"ckpt_path={stopped['resume_from']}", cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", *RESUMABLE, *data, f"ckpt_path={stopped['resume_from']}", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     (resumed_dir,) = set((tmp_path / "outputs" / "runs").iterdir()) - {run_dir}
     # A new folder starts a new choice of best checkpoint; here val/acc rises every epoch, so
@@ -173,7 +175,7 @@ def test_only_a_folder_holding_nothing_but_what_precedes_training_is_removed(
 def test_an_input_error_on_resume_leaves_the_run_as_it_was(uninterrupted: Path, tmp_path: Path) -> None:
     run_dir = shutil.copytree(uninterrupted, tmp_path / "run")
     files = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
-    result = run_module("mnist_lit.train", f"resume={run_dir}", "model.lr=-1", cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", f"resume={run_dir}", "model.lr=-1", cwd=tmp_path)
     assert result.returncode == 2 and "model.lr=-1.0 is not allowed" in result.stderr
     # The refused config is kept beside the run's own record; nothing of the run is removed or changed.
     assert {path: path.read_bytes() for path in files} == files
@@ -190,7 +192,7 @@ def test_sigterm_then_resume_continues_the_same_run_folder_and_tensorboard_run_e
     assert read_metrics(run_dir)["status"] == "interrupted"
     config = (run_dir / ".hydra" / "config.yaml").read_text()
 
-    result = run_module("mnist_lit.train", "resume=latest", cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", "resume=latest", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resume=latest: continuing {run_dir.relative_to(tmp_path)} (interrupted by SIGTERM" in result.stdout
     assert only_run(tmp_path) == run_dir
@@ -273,7 +275,7 @@ def test_kills_at_random_moments_each_followed_by_resume_end_with_the_uninterrup
             assert dict(scalars(run, tag)) == dict(scalars(Path(record["reference"]["run"]), tag))
         assert not leftovers(run)
     # What the kills left behind, abandoned runs included, does not trouble the report.
-    report = run_module("mnist_lit.report", str(killed), cwd=tmp_path)
+    report = run_in_process("mnist_lit.report", str(killed), cwd=tmp_path)
     assert report.returncode == 0 and "Traceback" not in report.stderr, report.stdout + report.stderr
     assert report.stdout.count("| completed |") == len(resumed)
 
@@ -302,7 +304,7 @@ def test_the_same_seed_and_config_give_identical_metrics_run_after_run(
 ) -> None:
     args = [*FAST_TRAIN, "model.dropout=0.2", *synthetic_mnist.overrides(tmp_path / "data")]
     for _ in range(2):
-        result = run_module("mnist_lit.train", *args, cwd=tmp_path)
+        result = run_in_process("mnist_lit.train", *args, cwd=tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
     first, second = (read_metrics(run) for run in sorted((tmp_path / "outputs" / "runs").iterdir()))
     assert comparable(first) == comparable(second)
@@ -311,7 +313,7 @@ def test_the_same_seed_and_config_give_identical_metrics_run_after_run(
 def test_an_exploding_loss_stops_training_at_once_naming_the_step_and_the_causes(
     synthetic_mnist: SyntheticMNIST, tmp_path: Path
 ) -> None:
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.train", *FAST_TRAIN, "model.lr=1e4", *synthetic_mnist.overrides(tmp_path / "data"), cwd=tmp_path
     )
     assert result.returncode == 2
@@ -471,7 +473,7 @@ def test_a_full_disk_stops_training_in_one_line_and_resume_goes_on_once_there_is
     assert {name: (run_dir / name).read_bytes() for name in kept} == kept
     assert not leftovers(run_dir)
 
-    result = run_module("mnist_lit.train", f"resume={run_dir}", cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", f"resume={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert comparable(read_metrics(run_dir)) == comparable(read_metrics(uninterrupted))
 
@@ -499,12 +501,17 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_the_whole_fit(
     assert carried <= resumed["fit_seconds"] < carried + 60
 
 
+# The other process: it says it is ready (torch imported), waits for this one, and prepares the data.
 PREPARE = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 from mnist_lit.data import ensure_mnist
-start_at, raw, mirror, sha256 = float(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
-time.sleep(max(0.0, start_at - time.time()))
+ready, raw, mirror, sha256 = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+(ready / "other").touch()
+deadline = time.monotonic() + 120
+while not (ready / "this").exists():
+    assert time.monotonic() < deadline, "the test process never got ready"
+    time.sleep(0.001)
 ensure_mnist(raw, mirror, sha256)
 """
 
@@ -513,34 +520,52 @@ def test_two_processes_preparing_the_dataset_at_once_both_get_intact_files(
     synthetic_mnist: SyntheticMNIST, tmp_path: Path
 ) -> None:
     raw = tmp_path / "data" / "MNIST" / "raw"
-    start_at = str(time.time() + 8)  # both have imported torch by then, and start together
-    args = [start_at, str(raw), str(synthetic_mnist.mirror), json.dumps(synthetic_mnist.sha256)]
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    args = [str(ready), str(raw), str(synthetic_mnist.mirror), json.dumps(synthetic_mnist.sha256)]
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    processes = [subprocess.Popen([sys.executable, "-c", PREPARE, *args], env=env) for _ in range(2)]
-    assert [process.wait(timeout=120) for process in processes] == [0, 0]
+    other = subprocess.Popen([sys.executable, "-c", PREPARE, *args], env=env)
+    try:
+        # This process is the second one: both start together, once the other has imported torch.
+        deadline = time.monotonic() + 120
+        while not (ready / "other").exists() and other.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        (ready / "this").touch()
+        ensure_mnist(raw, str(synthetic_mnist.mirror), synthetic_mnist.sha256)
+        assert other.wait(timeout=120) == 0
+    finally:
+        other.kill()  # if this process failed first
     assert sorted(path.name for path in raw.iterdir()) == sorted([*MNIST_FILES.values(), ".lock"])
     for key, name in MNIST_FILES.items():
         assert hashlib.sha256((raw / name).read_bytes()).hexdigest() == synthetic_mnist.sha256[key]
 
 
-def test_parallel_sweep_jobs_share_the_data_folder_and_clobber_nothing(
+def test_parallel_sweep_jobs_divide_the_cores_share_the_data_folder_and_clobber_nothing(
     synthetic_mnist: SyntheticMNIST, tmp_path: Path
 ) -> None:
-    result = run_module(
+    # The jobs run in joblib's worker processes; the command itself in this one.
+    result = run_in_process(
         "mnist_lit.train",
         "-m",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
+        "threads=null",  # torch's default, which loky sets in each worker
         "model.hidden=[16],[32]",
         *FAST_TRAIN,
         "trainer.max_epochs=1",
         *synthetic_mnist.overrides(tmp_path / "data"),  # a fresh data folder: both jobs prepare it
         cwd=tmp_path,
     )
+    # joblib keeps its workers for this process's next sweep; the command's own process would end here.
+    get_reusable_executor(reuse=True).shutdown(wait=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     (sweep,) = (tmp_path / "outputs" / "multiruns").iterdir()
     for job, hidden in (("0", [16]), ("1", [32])):
-        assert read_metrics(sweep / job)["status"] == "completed"
+        metrics = read_metrics(sweep / job)
+        assert metrics["status"] == "completed"
+        # loky gives each of its workers cpu_count // n_jobs threads: no oversubscription.
+        assert metrics["threads"] == max(1, joblib.cpu_count() // 2)
         assert list((sweep / job / "tensorboard").glob("events.out.tfevents.*"))
         checkpoint = torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)
         assert checkpoint["hyper_parameters"]["hidden"] == hidden
@@ -575,7 +600,7 @@ def test_cli_reports_unusable_data_without_traceback_or_half_written_files(
     synthetic_mnist: SyntheticMNIST, tmp_path: Path, override, message: str
 ) -> None:
     (tmp_path / "a_file").write_text("not a folder")
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.train",
         *FAST_TRAIN,
         *synthetic_mnist.overrides(tmp_path / "data"),
@@ -710,7 +735,7 @@ def test_training_from_a_checkpoint_carrying_code_refuses_it_and_the_code_never_
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": _Payload(marker)}, evil, pickle_module=pickle)
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.train", *FAST_TRAIN, *synthetic_mnist.overrides(tmp_path / "data"), f"ckpt_path={evil}", cwd=tmp_path
     )
     assert result.returncode == 2
@@ -738,7 +763,7 @@ def test_values_that_would_fail_later_are_refused_before_training(
     synthetic_mnist: SyntheticMNIST, tmp_path: Path, overrides: list[str], message: str
 ) -> None:
     (tmp_path / "a_file").write_text("not a folder")
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.train", *FAST_TRAIN, *synthetic_mnist.overrides(tmp_path / "data"), *overrides, cwd=tmp_path
     )
     assert result.returncode == 2
@@ -815,7 +840,7 @@ def test_a_read_only_output_folder_is_refused(tmp_path: Path) -> None:
 def test_resume_explains_what_it_needs(tmp_path: Path, make_args, message: str) -> None:
     (tmp_path / "run" / ".hydra").mkdir(parents=True)
     (tmp_path / "run" / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
-    result = run_module("mnist_lit.train", *make_args(tmp_path), cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", *make_args(tmp_path), cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists()

@@ -24,7 +24,7 @@ from mnist_lit.report import (
     write_csv,
     write_readme_results,
 )
-from tests.conftest import CONF_DIR, PROJECT_ROOT, run_module
+from tests.conftest import CONF_DIR, PROJECT_ROOT, run_in_process, run_module
 
 EPOCHS = "trainer.max_epochs=10"  # an override every run shares
 
@@ -258,7 +258,7 @@ def test_cli_reports_by_fold_and_says_when_there_is_nothing_to_group(folds_dir: 
 
 
 def test_cli_prints_markdown_and_writes_csv_and_png(runs_dir: Path, tmp_path: Path) -> None:
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.report", str(runs_dir / "multiruns"), "--csv", "runs.csv", "--plot", "runs.png", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
@@ -278,6 +278,7 @@ def test_cli_prints_markdown_and_writes_csv_and_png(runs_dir: Path, tmp_path: Pa
 def test_cli_refuses_bad_input_clearly(runs_dir: Path, tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "runs").symlink_to(runs_dir / "runs")
+    # A new process (the command imports no torch: a fraction of a second): the exit code a shell sees.
     result = run_module("mnist_lit.report", *args, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from mnist_lit.errors import ConfigError  # noqa: E402
 from mnist_lit.search.sweeper import parse_search_space  # noqa: E402
-from tests.conftest import FAST_TRAIN, SyntheticMNIST, run_module  # noqa: E402
+from tests.conftest import FAST_TRAIN, Ran, SyntheticMNIST, run_in_process  # noqa: E402
 
 # FAST_TRAIN fixes data.batch_size, which takes it out of the search space. Two batches per epoch
 # keep the trials' accuracies apart (the synthetic digits are learnt perfectly in one epoch).
@@ -30,10 +29,8 @@ SEARCH = [
 ]
 
 
-def search(
-    synthetic_mnist: SyntheticMNIST, workdir: Path, sweep_dir: Path, *overrides: str
-) -> subprocess.CompletedProcess[str]:
-    result = run_module(
+def search(synthetic_mnist: SyntheticMNIST, workdir: Path, sweep_dir: Path, *overrides: str) -> Ran:
+    result = run_in_process(
         "mnist_lit.train",
         *SEARCH,
         *synthetic_mnist.overrides(workdir / "data"),
@@ -120,10 +117,9 @@ PRUNE_AT_ONCE = [
 ]
 
 
-@pytest.mark.parametrize("trainer", ["cpu", "ddp_cpu"])
-def test_a_pruned_trial_stops_early_and_says_so(synthetic_mnist: SyntheticMNIST, workdir: Path, trainer: str) -> None:
-    sweep_dir = workdir / f"pruned_{trainer}"
-    # Under DDP the rank Lightning starts is not told the trial: it must still stop with rank 0.
+def test_a_pruned_trial_stops_early_and_says_so(synthetic_mnist: SyntheticMNIST, workdir: Path) -> None:
+    # Under DDP: tests/test_ddp.py, whose search prunes every trial.
+    sweep_dir = workdir / "pruned"
     search(
         synthetic_mnist,
         workdir,
@@ -131,7 +127,6 @@ def test_a_pruned_trial_stops_early_and_says_so(synthetic_mnist: SyntheticMNIST,
         "hydra.sweeper.n_trials=1",
         "trainer.max_epochs=3",
         *PRUNE_AT_ONCE,
-        f"trainer={trainer}",
     )
     (trial,) = load(sweep_dir).trials
     metrics = job_metrics(sweep_dir, 0)
@@ -150,13 +145,13 @@ def test_a_trial_is_not_pruned_after_its_last_epoch(synthetic_mnist: SyntheticMN
 
 
 def test_a_search_without_a_search_space_is_refused_clearly(tmp_path: Path) -> None:
-    result = run_module("mnist_lit.train", "-m", "hydra/sweeper=mnist_lit_optuna", cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", "-m", "hydra/sweeper=mnist_lit_optuna", cwd=tmp_path)
     assert result.returncode == 2
     assert "nothing to search" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_search_without_validation_is_refused_before_any_trial(tmp_path: Path) -> None:
-    result = run_module("mnist_lit.train", "hparams_search=optuna", "data.val_size=0", cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", "hparams_search=optuna", "data.val_size=0", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: data.val_size=0 holds out no validation images, and a search maximizes val/acc_best" in result.stderr
     assert not list(tmp_path.glob("outputs/multiruns/*/*"))  # no study, no trial

@@ -10,7 +10,7 @@ from tensorboard.util.tensor_util import make_ndarray
 
 from mnist_lit.callbacks import ClassificationReport, ParameterHistograms
 from mnist_lit.run import build_callbacks
-from tests.conftest import FAST_TRAIN, SyntheticMNIST, make_digits, run_module
+from tests.conftest import FAST_TRAIN, SyntheticMNIST, make_digits, run_in_process
 from tests.test_config import compose_train
 from tests.test_views import read_projection
 
@@ -21,7 +21,7 @@ PARAMETERS = {f"net.layers.{index}.{kind}" for index in (1, 3, 5) for kind in ("
 @pytest.fixture(scope="module")
 def run_dir(synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("tensorboard")
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.train",
         *FAST_TRAIN,
         "callbacks=histograms",

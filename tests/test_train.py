@@ -1,10 +1,12 @@
-"""End to end on synthetic data, through the command line a user types."""
+"""End to end on synthetic data, through the command line a user types (run in this process)."""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,11 @@ import torch
 from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mnist_lit import config
 from mnist_lit.config import register
 from mnist_lit.errors import CheckpointError
 from mnist_lit.eval import evaluate
-from tests.conftest import FAST_TRAIN, SyntheticMNIST, run_module, train_on_synthetic
+from tests.conftest import FAST_TRAIN, PROJECT_ROOT, Ran, SyntheticMNIST, run_in_process, train_in_process
 
 register()
 
@@ -29,11 +32,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic_mnist: SyntheticMNIST, workdir: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    return train_on_synthetic(synthetic_mnist, workdir, *FAST_TRAIN)
+def trained(synthetic_mnist: SyntheticMNIST, workdir: Path) -> tuple[Path, Ran]:
+    return train_in_process(synthetic_mnist, workdir, *FAST_TRAIN)
 
 
-def test_run_folder_holds_everything(trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+def test_run_folder_holds_everything(trained: tuple[Path, Ran]) -> None:
     run_dir, _ = trained
     checkpoints = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
     assert len(checkpoints) == 2 and "last.ckpt" in checkpoints
@@ -44,7 +47,7 @@ def test_run_folder_holds_everything(trained: tuple[Path, subprocess.CompletedPr
     assert not [path for path in run_dir.rglob("*") if "partial" in path.name]
 
 
-def test_metrics_json_is_flat_and_complete(trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+def test_metrics_json_is_flat_and_complete(trained: tuple[Path, Ran]) -> None:
     run_dir, _ = trained
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics) >= METRIC_KEYS
@@ -57,7 +60,7 @@ def test_metrics_json_is_flat_and_complete(trained: tuple[Path, subprocess.Compl
 
 
 def test_console_shows_config_outputs_and_one_line_per_epoch(
-    trained: tuple[Path, subprocess.CompletedProcess[str]],
+    trained: tuple[Path, Ran],
 ) -> None:
     run_dir, result = trained
     assert "config" in result.stdout and "hidden:" in result.stdout
@@ -68,7 +71,7 @@ def test_console_shows_config_outputs_and_one_line_per_epoch(
     assert "it/s" not in result.stdout + result.stderr  # no progress bar when not in a terminal
 
 
-def test_tensorboard_has_scalars_and_hparams(trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+def test_tensorboard_has_scalars_and_hparams(trained: tuple[Path, Ran]) -> None:
     run_dir, _ = trained
     accumulator = EventAccumulator(str(run_dir / "tensorboard"))
     accumulator.Reload()
@@ -81,7 +84,7 @@ def test_tensorboard_has_scalars_and_hparams(trained: tuple[Path, subprocess.Com
     assert b"val/acc_best" in experiment and b"test/acc" in experiment
 
 
-def test_checkpoint_loads_with_weights_only(trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+def test_checkpoint_loads_with_weights_only(trained: tuple[Path, Ran]) -> None:
     run_dir, _ = trained
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["hidden"] == [128, 64]
@@ -89,11 +92,11 @@ def test_checkpoint_loads_with_weights_only(trained: tuple[Path, subprocess.Comp
 
 
 def test_eval_rebuilds_the_model_and_reproduces_test_metrics_exactly(
-    trained: tuple[Path, subprocess.CompletedProcess[str]], synthetic_mnist: SyntheticMNIST, workdir: Path
+    trained: tuple[Path, Ran], synthetic_mnist: SyntheticMNIST, workdir: Path
 ) -> None:
     run_dir, _ = trained
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.eval", f"ckpt_path={metrics['ckpt_path']}", f"data.mirror={synthetic_mnist.mirror}", cwd=workdir
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -104,7 +107,7 @@ def test_eval_rebuilds_the_model_and_reproduces_test_metrics_exactly(
     assert "test/acc" in result.stdout
 
 
-def test_resolved_config_is_saved(trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+def test_resolved_config_is_saved(trained: tuple[Path, Ran]) -> None:
     run_dir, _ = trained
     saved = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "max_epochs: 2" in saved and "batch_size: 50" in saved
@@ -122,7 +125,7 @@ def test_resolved_config_is_saved(trained: tuple[Path, subprocess.CompletedProce
     ],
 )
 def test_eval_refuses_bad_checkpoints_clearly(tmp_path: Path, make_file, message: str) -> None:
-    # In-process; the exit code and the absence of a traceback are the next test's (a process's).
+    # Here the error itself; its exit code and the absence of a traceback are the next test's.
     path = tmp_path / "model.ckpt"
     make_file(path)
     with initialize_config_module(config_module="mnist_lit.conf", version_base="1.3"):
@@ -145,14 +148,14 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": _Payload(marker)}, path, pickle_module=pickle)
-    result = run_module("mnist_lit.eval", f"ckpt_path={path}", cwd=tmp_path)
+    result = run_in_process("mnist_lit.eval", f"ckpt_path={path}", cwd=tmp_path)
     assert result.returncode == 2
     assert "could run code" in result.stderr
     assert not marker.exists()
 
 
 def test_multirun_gives_each_job_its_own_folder(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
-    result = run_module(
+    result = run_in_process(
         "mnist_lit.train",
         "-m",
         "model.hidden=[16],[32]",
@@ -174,10 +177,13 @@ def test_multirun_gives_each_job_its_own_folder(synthetic_mnist: SyntheticMNIST,
     assert hidden == [[16], [32]]
 
 
-def test_runs_started_in_the_same_second_get_different_folders(tmp_path: Path) -> None:
-    folders = [
-        run_module("mnist_lit.train", "--cfg", "all", "--resolve", "-p", "hydra.run.dir", cwd=tmp_path).stdout.strip()
-        for _ in range(2)
-    ]
-    assert folders[0].startswith("outputs/runs/")
-    assert folders[0] != folders[1]
+def test_runs_started_in_the_same_second_get_different_folders() -> None:
+    # Each process draws a tag of its own...
+    draw = [sys.executable, "-c", "from mnist_lit.config import _RUN_TAG; print(_RUN_TAG)"]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    tags = [subprocess.run(draw, env=env, capture_output=True, text=True, check=True).stdout.strip() for _ in range(2)]
+    assert tags[0] and tags[0] != tags[1]
+    # ...which ends the name of its run folders: outputs/runs/<time>_<tag>.
+    with initialize_config_module(config_module="mnist_lit.conf", version_base="1.3"):
+        folder = compose("train", return_hydra_config=True).hydra.run.dir
+    assert folder.startswith("outputs/runs/") and folder.endswith(f"_{config._RUN_TAG}")

@@ -129,13 +129,14 @@ def test_wheel_carries_every_config_and_the_plugin(installed: InstalledWheel) ->
 def test_installed_wheel_trains_and_evaluates_from_another_folder(
     installed: InstalledWheel, synthetic_mnist: SyntheticMNIST, tmp_path: Path
 ) -> None:
-    shown = run_installed(installed, "mnist_lit.train", "--cfg", "job", cwd=tmp_path)
-    config = yaml.safe_load(shown.stdout)
-    assert config["model"]["hidden"] == [128, 64] and config["data"]["root"] == "data"
-
     # Relative data and checkpoint paths, as a user types them: they resolve against the current folder.
-    run_installed(installed, "mnist_lit.train", *FAST_TRAIN, *synthetic_mnist.overrides(Path("data")), cwd=tmp_path)
+    # The data folder is the default one, data/ (no data.root given).
+    data = [override for override in synthetic_mnist.overrides(Path("data")) if not override.startswith("data.root=")]
+    run_installed(installed, "mnist_lit.train", *FAST_TRAIN, *data, cwd=tmp_path)
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    # The wheel's configs composed it: the defaults of conf/ and the constructors' signatures.
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["model"]["hidden"] == [128, 64] and config["data"]["root"] == "data"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs"] == 2
     assert [path for path in (tmp_path / "data").rglob("*") if path.is_file()]
