@@ -57,7 +57,7 @@ export: $(INSTALLED)  ## make export ARGS="ckpt_path=... output=model.onnx"
 	$(PYTHON) -m mnist_lit.export $(ARGS)
 
 bench: $(INSTALLED)  ## epoch times of mnist_lit vs the classic pipeline, a plain loop, NumPy; e.g. ARGS="--repeats 3"
-	$(PYTHON) -m mnist_lit.bench --json outputs/bench.json $(ARGS)
+	$(PYTHON) -m mnist_lit.bench --whole-runs 3 --json outputs/bench.json $(ARGS)
 
 tensorboard: $(INSTALLED)  ## TensorBoard over every run under outputs/
 	$(VENV)/bin/tensorboard --logdir outputs

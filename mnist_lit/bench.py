@@ -436,9 +436,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--whole-runs",
         type=int,
-        default=3,
+        default=0,
         metavar="N",
-        help="time the default run and mnist_lit.plain_loop as whole processes N times each (0: skip)",
+        help="also time the default run and mnist_lit.plain_loop as whole processes, N times each",
     )
     parser.add_argument(
         "--compare",

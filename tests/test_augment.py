@@ -167,7 +167,7 @@ def test_only_training_batches_are_augmented() -> None:
     assert isinstance(model.augment, BatchAugment) and model.augment.max_rotation == 12.0
     model.augment = Recorder()
     batch = (digits(4), torch.tensor([0, 1, 2, 3]))
-    model.training_step(batch, 0)
+    model.training_losses(*batch)
     assert model.augment.calls == 1
     model.validation_step(batch, 0)
     model.test_step(batch, 0)

@@ -26,3 +26,19 @@ def test_default_config_reaches_97_5_percent_on_the_official_test_set(tmp_path: 
     assert metrics["epochs"] == 10
     assert metrics["test/acc"] >= 0.975, metrics
     assert metrics["val/acc_best"] >= 0.97, metrics
+
+
+def test_the_bench_times_the_default_run_and_the_plain_script_as_whole_processes(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run_in_process(
+        "mnist_lit.bench",
+        f"data.mirror={Path(MIRROR).resolve()}",
+        *("--batch-sizes", "512", "--steps", "3", "--repeats", "1", "--methods", "plain", "--no-startup"),
+        *("--whole-runs", "1", "--json", str(out)),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    whole = json.loads(out.read_text())["whole_run"]
+    assert whole["ratio"] == pytest.approx(whole["seconds"]["mnist_lit"][0] / whole["seconds"]["plain"][0], abs=1e-3)
+    # Both did the real work: 10 epochs to well above 97% on the official test set.
+    assert min(whole["test_acc"]["mnist_lit"] + whole["test_acc"]["plain"]) > 0.97
