@@ -28,7 +28,7 @@ train: $(INSTALLED)  ## the default 784-128-64-10 MLP; extra overrides: make tra
 test: $(INSTALLED)  ## everything, the slow real-MNIST tests included (they need MNIST_MIRROR or the network)
 	$(PYTHON) -m pytest $(PARALLEL)
 
-test-fast: $(INSTALLED)  ## the tests without the slow real-MNIST ones: no dataset needed
+test-fast: $(INSTALLED)  ## the tests without the slow ones (real MNIST, DDP ranks, the installed wheel): no dataset needed
 	$(PYTHON) -m pytest $(PARALLEL) -m "not slow"
 
 sweep: $(INSTALLED)  ## 4 jobs: two architectures x two learning rates; side by side: ARGS=hydra/launcher=joblib

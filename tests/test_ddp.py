@@ -32,6 +32,10 @@ from tests.conftest import (
     train_on_synthetic,
 )
 
+# Each rank is a fresh interpreter importing torch and Lightning: several seconds of CPU per run, so
+# these are among the slow tests (`make test` runs them, `make test-fast` does not).
+fresh_interpreters = pytest.mark.slow
+
 # 500 training images, 2 ranks of 250, batches of 50: 5 steps per epoch (one process takes 10).
 DDP_TRAIN = [*(arg for arg in FAST_TRAIN if not arg.startswith("trainer=")), "trainer=ddp_cpu", "model.hidden=[16]"]
 STEPS_PER_EPOCH = 500 // 2 // 50
@@ -50,6 +54,7 @@ def ddp_run(synthetic_mnist: SyntheticMNIST, workdir: Path) -> tuple[Path, subpr
     return train_on_synthetic(synthetic_mnist, workdir, *DDP_TRAIN, rows)
 
 
+@fresh_interpreters
 def test_ddp_run_leaves_one_run_folder_written_once(ddp_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     run_dir, _ = ddp_run
     outputs = run_dir.parent.parent
@@ -70,6 +75,7 @@ def test_ddp_run_leaves_one_run_folder_written_once(ddp_run: tuple[Path, subproc
     assert not [path for path in outputs.rglob("*") if "partial" in path.name]
 
 
+@fresh_interpreters
 def test_ddp_console_shows_config_and_epochs_once(ddp_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     _, result = ddp_run
     assert result.stdout.count("outputs: ") == 1
@@ -78,6 +84,7 @@ def test_ddp_console_shows_config_and_epochs_once(ddp_run: tuple[Path, subproces
     assert "sync_dist" not in result.stderr  # every epoch metric is synced, so Lightning has nothing to suggest
 
 
+@fresh_interpreters
 def test_ddp_trains_on_shards_and_reports_synced_metrics(
     ddp_run: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
@@ -89,6 +96,7 @@ def test_ddp_trains_on_shards_and_reports_synced_metrics(
     assert metrics["test/acc"] > 0.5
 
 
+@fresh_interpreters
 def test_ddp_test_metrics_equal_a_single_process_eval(
     ddp_run: tuple[Path, subprocess.CompletedProcess[str]], synthetic_mnist: SyntheticMNIST, workdir: Path
 ) -> None:
@@ -109,6 +117,7 @@ def test_ddp_test_metrics_equal_a_single_process_eval(
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-6)
 
 
+@fresh_interpreters
 def test_ddp_inside_a_search_keeps_each_trial_in_its_folder_and_stops_a_pruned_one_on_every_rank(
     synthetic_mnist: SyntheticMNIST, tmp_path: Path
 ) -> None:
@@ -147,6 +156,7 @@ def test_ddp_inside_a_search_keeps_each_trial_in_its_folder_and_stops_a_pruned_o
     assert result.stdout.count("outputs: ") == 2
 
 
+@fresh_interpreters
 def test_each_rank_gets_a_disjoint_shard(
     ddp_run: tuple[Path, subprocess.CompletedProcess[str]], synthetic_mnist: SyntheticMNIST, workdir: Path
 ) -> None:
@@ -249,6 +259,7 @@ def test_slurm_sweep_submits_one_array_of_multi_node_jobs(tmp_path: Path, monkey
     assert any(f"--output={sweep_dir.resolve()}/.submitit/" in line for line in directives)
 
 
+@fresh_interpreters
 def test_submitit_local_runs_the_ranks_as_slurm_would(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
     """hydra/launcher=slurm_local: submitit starts one process per device, as SLURM tasks."""
     args = [*DDP_TRAIN, "trainer.max_epochs=1", *synthetic_mnist.overrides(tmp_path / "data")]
