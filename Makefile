@@ -28,7 +28,7 @@ train: $(INSTALLED)  ## the default 784-128-64-10 MLP; extra overrides: make tra
 test: $(INSTALLED)  ## everything, the slow real-MNIST tests included (they need MNIST_MIRROR or the network)
 	$(PYTHON) -m pytest $(PARALLEL)
 
-test-fast: $(INSTALLED)  ## the tests without the slow real-MNIST ones and the browser ones: no dataset, no Chromium
+test-fast: $(INSTALLED)  ## without the slow tests (real MNIST, DDP ranks, the installed wheel) and the browser ones
 	$(PYTHON) -m pytest $(PARALLEL) -m "not slow and not browser"
 
 sweep: $(INSTALLED)  ## 4 jobs: two architectures x two learning rates; side by side: ARGS=hydra/launcher=joblib

@@ -39,6 +39,10 @@ from tests.conftest import (
 from tests.test_reliability import comparable, train_and_signal
 from tests.test_views import read_projection
 
+# Each rank is a fresh interpreter importing torch and Lightning: several seconds of CPU per run, so
+# these are among the slow tests (`make test` runs them, `make test-fast` does not).
+fresh_interpreters = pytest.mark.slow
+
 # 500 training images, 2 ranks of 250, batches of 50: 5 steps per epoch (one process takes 10).
 DDP_TRAIN = [*(arg for arg in FAST_TRAIN if not arg.startswith("trainer=")), "trainer=ddp_cpu", "model.hidden=[16]"]
 STEPS_PER_EPOCH = 500 // 2 // 50
@@ -57,6 +61,7 @@ def ddp_run(synthetic_mnist: SyntheticMNIST, workdir: Path) -> tuple[Path, subpr
     return train_on_synthetic(synthetic_mnist, workdir, *DDP_TRAIN, rows)
 
 
+@fresh_interpreters
 def test_ddp_run_leaves_one_run_folder_written_once(ddp_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     run_dir, _ = ddp_run
     outputs = run_dir.parent.parent
@@ -77,6 +82,7 @@ def test_ddp_run_leaves_one_run_folder_written_once(ddp_run: tuple[Path, subproc
     assert not [path for path in outputs.rglob("*") if "partial" in path.name]
 
 
+@fresh_interpreters
 def test_ddp_console_shows_config_and_epochs_once(ddp_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     _, result = ddp_run
     assert result.stdout.count("outputs: ") == 1
@@ -85,6 +91,7 @@ def test_ddp_console_shows_config_and_epochs_once(ddp_run: tuple[Path, subproces
     assert "sync_dist" not in result.stderr  # every epoch metric is synced, so Lightning has nothing to suggest
 
 
+@fresh_interpreters
 def test_ddp_trains_on_shards_and_reports_synced_metrics(
     ddp_run: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
@@ -96,6 +103,7 @@ def test_ddp_trains_on_shards_and_reports_synced_metrics(
     assert metrics["test/acc"] > 0.5
 
 
+@fresh_interpreters
 def test_ddp_views_of_the_model_cover_the_whole_test_set(
     ddp_run: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
@@ -108,6 +116,7 @@ def test_ddp_views_of_the_model_cover_the_whole_test_set(
     assert (tp + fp + tn + fn == 200).all()
 
 
+@fresh_interpreters
 def test_ddp_test_metrics_equal_a_single_process_eval(
     ddp_run: tuple[Path, subprocess.CompletedProcess[str]], synthetic_mnist: SyntheticMNIST, workdir: Path
 ) -> None:
@@ -156,6 +165,7 @@ def test_a_ddp_run_with_dropout_stopped_mid_epoch_and_resumed_ends_as_an_uninter
     assert not torch.equal(ranks[0][0][1], ranks[1][0][1])  # each rank's own labels of the epoch so far
 
 
+@fresh_interpreters
 def test_ddp_inside_a_search_keeps_each_trial_in_its_folder_and_stops_a_pruned_one_on_every_rank(
     synthetic_mnist: SyntheticMNIST, tmp_path: Path
 ) -> None:
@@ -194,6 +204,7 @@ def test_ddp_inside_a_search_keeps_each_trial_in_its_folder_and_stops_a_pruned_o
     assert result.stdout.count("outputs: ") == 2
 
 
+@fresh_interpreters
 def test_each_rank_gets_a_disjoint_shard(
     ddp_run: tuple[Path, subprocess.CompletedProcess[str]], synthetic_mnist: SyntheticMNIST, workdir: Path
 ) -> None:
@@ -296,6 +307,7 @@ def test_slurm_sweep_submits_one_array_of_multi_node_jobs(tmp_path: Path, monkey
     assert any(f"--output={sweep_dir.resolve()}/.submitit/" in line for line in directives)
 
 
+@fresh_interpreters
 def test_submitit_local_runs_the_ranks_as_slurm_would(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
     """hydra/launcher=slurm_local: submitit starts one process per device, as SLURM tasks."""
     args = [*DDP_TRAIN, "trainer.max_epochs=1", *synthetic_mnist.overrides(tmp_path / "data")]
@@ -312,6 +324,7 @@ def test_submitit_local_runs_the_ranks_as_slurm_would(synthetic_mnist: Synthetic
     assert "GLOBAL_RANK: 1" in next(job_folder.glob("*_1_log.err")).read_text()
 
 
+@fresh_interpreters
 def test_ddp_trains_the_same_with_one_or_several_steps_per_call(
     synthetic_mnist: SyntheticMNIST, ddp_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:

@@ -126,6 +126,7 @@ def test_wheel_carries_every_config_and_the_plugin(installed: InstalledWheel) ->
     }
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch and Lightning from the wheel
 def test_installed_wheel_trains_and_evaluates_from_another_folder(
     installed: InstalledWheel, synthetic_mnist: SyntheticMNIST, tmp_path: Path
 ) -> None:
