@@ -38,6 +38,7 @@ config (`mnist_lit.train --cfg job`) and importing what training needs (--no-sta
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -296,8 +297,6 @@ def time_whole_runs(repeats: int, data_dir: Path, scratch: Path) -> dict[str, An
     """The default run end to end (`python -m mnist_lit.train`: 10 epochs, validation after each,
     checkpoints, TensorBoard, the test) and `mnist_lit.plain_loop` doing the same work, as whole
     processes, interleaved; wall seconds of each, their median ratio and each one's test accuracy."""
-    import json
-
     commands = {
         "mnist_lit": lambda out: [sys.executable, "-m", "mnist_lit.train", f"hydra.run.dir={out}"],
         "plain": lambda out: [sys.executable, "-m", "mnist_lit.plain_loop", "--data", str(data_dir), "--out", str(out)],

@@ -433,11 +433,10 @@ class MNISTDataModule(L.LightningDataModule):
         return TensorBatches(images, labels, batch_size, sampler)
 
     def train_dataloader(self) -> TensorBatches:
-        batches = self._batches("train", self.batch_size, shuffle=True)
         # trainer.overfit_batches trains on the same first batches every epoch. Lightning fixes the
         # order of a DataLoader itself, but not of batches like these.
         overfit = self.trainer.overfit_batches if self.trainer is not None else 0
-        batches.sampler.shuffle = not overfit
+        batches = self._batches("train", self.batch_size, shuffle=not overfit)
         batches.limit = overfit or self.train_batch_limit
         if batches.num_batches == 0 and batches.limit:
             limit_key = "overfit_batches" if overfit else "limit_train_batches"
@@ -462,9 +461,8 @@ class MNISTDataModule(L.LightningDataModule):
         if self.requested_val_check_interval is None:
             self.requested_val_check_interval = trainer.val_check_interval
         interval = self.requested_val_check_interval
-        if isinstance(interval, float) and interval == 1.0:
-            return self.batches_per_call
-        if isinstance(interval, str) or not isinstance(interval, (int, float)):  # a time: not batch-based
+        # Once an epoch (the float 1.0), or after a time (a string or timedelta): no batch to line up.
+        if not isinstance(interval, (int, float)) or (isinstance(interval, float) and interval == 1.0):
             return self.batches_per_call
         every = interval if isinstance(interval, int) else max(1, int(num_batches * interval))
         common = math.gcd(every, num_batches) if trainer.check_val_every_n_epoch is not None else every

@@ -139,9 +139,9 @@ def build_callbacks(
     return built
 
 
-def take_step_settings(kwargs: dict[str, Any], batches_per_call: int) -> StepSettings:
-    """Move the optimizer-step settings out of the Trainer's arguments (the module applies them,
-    see `StepSettings`), and express in calls of training_step the counts Lightning takes as such."""
+def take_step_settings(kwargs: dict[str, Any]) -> StepSettings:
+    """Move the optimizer-step settings out of the Trainer's arguments: the module applies them
+    (see `StepSettings`), as Lightning refuses them when the module takes its own steps."""
     settings = StepSettings(
         gradient_clip_val=kwargs.pop("gradient_clip_val"),
         gradient_clip_algorithm=kwargs.pop("gradient_clip_algorithm"),
@@ -151,18 +151,20 @@ def take_step_settings(kwargs: dict[str, Any], batches_per_call: int) -> StepSet
         raise refused("trainer.gradient_clip_algorithm", settings.gradient_clip_algorithm, "use norm or value")
     if settings.accumulate_grad_batches < 1:
         raise refused("trainer.accumulate_grad_batches", settings.accumulate_grad_batches, "use a positive integer")
-    if isinstance(kwargs["overfit_batches"], float) and 0 < kwargs["overfit_batches"] < 1 and batches_per_call > 1:
-        raise refused(
-            "trainer.overfit_batches",
-            kwargs["overfit_batches"],
-            f"with data.batches_per_call={batches_per_call}, give a number of batches, e.g. 3",
-        )
     return settings
 
 
-def take_train_batch_limit(kwargs: dict[str, Any]) -> int | float | None:
+def take_train_batch_limit(kwargs: dict[str, Any], batches_per_call: int) -> int | float | None:
     """Move trainer.limit_train_batches out of the Trainer's arguments: the data applies it to
-    batches (mnist_lit/data.py), where Lightning would apply it to calls of training_step."""
+    batches (mnist_lit/data.py), where Lightning would apply it to calls of training_step. A
+    fraction of trainer.overfit_batches, which Lightning applies itself, would count calls too."""
+    overfit = kwargs["overfit_batches"]
+    if isinstance(overfit, float) and 0 < overfit < 1 and batches_per_call > 1:
+        raise refused(
+            "trainer.overfit_batches",
+            overfit,
+            f"with data.batches_per_call={batches_per_call}, give a number of batches, e.g. 3",
+        )
     limit = kwargs.pop("limit_train_batches")
     if limit is not None and not (
         (isinstance(limit, int) and limit >= 0) or (isinstance(limit, float) and 0.0 <= limit <= 1.0)
@@ -279,8 +281,8 @@ def build_run(
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
     kwargs = trainer_arguments(cfg.trainer)
-    model.step_settings = take_step_settings(kwargs, datamodule.batches_per_call)
-    datamodule.train_batch_limit = take_train_batch_limit(kwargs)
+    model.step_settings = take_step_settings(kwargs)
+    datamodule.train_batch_limit = take_train_batch_limit(kwargs, datamodule.batches_per_call)
     if cfg.ckpt_path:
         check_resumable(cfg.ckpt_path, model.hparams)
     trainer = build_trainer(cfg, kwargs, callbacks, validates=datamodule.validates)
