@@ -210,7 +210,8 @@ def time_plain(cfg: DictConfig, images: Tensor, labels: Tensor, steps: int) -> T
     for step in range(steps):
         rows = order[step * batch_size : (step + 1) * batch_size]
         with autocast:
-            loss = F.cross_entropy(net(images.index_select(0, rows)), labels.index_select(0, rows))
+            logits = net(images.index_select(0, rows))
+            loss = F.cross_entropy(logits, labels.index_select(0, rows), label_smoothing=cfg.model.label_smoothing)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -234,7 +235,7 @@ def time_lightning_floor(cfg: DictConfig, images: Tensor, labels: Tensor, steps:
 
         def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
             images, labels = batch
-            return F.cross_entropy(self.net(images), labels)
+            return F.cross_entropy(self.net(images), labels, label_smoothing=cfg.model.label_smoothing)
 
         def configure_optimizers(self) -> Any:
             optimizer, scheduler = configured_optimizer(cfg, self.parameters(), steps)

@@ -1,9 +1,10 @@
 """The default run as a plain PyTorch script: the floor `make bench` measures whole runs against.
 
 The same work as `python -m mnist_lit.train` with the defaults, without a framework: read and
-normalize MNIST, the 55k/5k split, 10 epochs of the 784-128-64-10 ReLU MLP with Adam and a
-OneCycle schedule at batch 64, validation accuracy after every epoch, a checkpoint of the best,
-and the official test set on it. No config, logging, metrics library or resumability.
+normalize MNIST, the 55k/5k split, 10 epochs of the 784-128-64-10 ReLU MLP with AdamW (weight
+decay 0.1), label smoothing 0.1 and a OneCycle schedule at batch 64, validation accuracy after
+every epoch, a checkpoint of the best, and the official test set on it. No config, logging,
+metrics library or resumability.
 
     python -m mnist_lit.plain_loop --data ../shared/mnist --out /tmp/plain
 """
@@ -54,14 +55,15 @@ def main(argv: list[str] | None = None) -> None:
         nn.Linear(IMAGE_SIZE, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES)
     )
     steps_per_epoch = -(-len(train_y) // 64)
-    optimizer = torch.optim.Adam(net.parameters(), lr=4e-3, fused=True)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=4e-3, weight_decay=0.1, fused=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=4e-3, total_steps=args.epochs * steps_per_epoch)
     best = 0.0
     for epoch in range(args.epochs):
         shuffled = torch.randperm(len(train_y))
         for start in range(0, len(train_y), 64):
             rows = shuffled[start : start + 64]
-            loss = F.cross_entropy(net(train_x.index_select(0, rows)), train_y.index_select(0, rows))
+            logits = net(train_x.index_select(0, rows))
+            loss = F.cross_entropy(logits, train_y.index_select(0, rows), label_smoothing=0.1)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

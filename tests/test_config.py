@@ -28,7 +28,8 @@ def compose_train(*overrides: str) -> DictConfig:
 def test_default_config_is_the_128_64_mlp_on_cpu_friendly_settings() -> None:
     cfg = compose_train()
     assert list(cfg.model.hidden) == [128, 64]
-    assert cfg.model.optimizer == "adam"
+    # AdamW's decoupled weight decay (null: 0.1 for adamw) and label smoothing: README, The default.
+    assert (cfg.model.optimizer, cfg.model.weight_decay, cfg.model.label_smoothing) == ("adamw", None, 0.1)
     assert cfg.data.batch_size == 64 and cfg.data.val_size is None and cfg.data.folds is None
     assert cfg.data.shuffle_seed == cfg.seed
     datamodule, _, _ = build_run(cfg)

@@ -180,6 +180,15 @@ def test_optimizer_choice(optimizer: str, expected: type) -> None:
         assert built.param_groups[0]["momentum"] == 0.8 and built.param_groups[0]["nesterov"]
 
 
+@pytest.mark.parametrize(("optimizer", "decay"), [("adamw", 0.1), ("adam", 0.0), ("sgd", 0.0)])
+def test_weight_decay_null_is_decoupled_decay_for_adamw_and_no_l2_penalty_for_the_others(
+    optimizer: str, decay: float
+) -> None:
+    """Adam and SGD add weight decay to the gradient: adamw's 0.1 would crush their weights."""
+    module = MNISTClassifier(hidden=[8], optimizer=optimizer, weight_decay=None, scheduler="none")
+    assert module.configure_optimizers().param_groups[0]["weight_decay"] == decay
+
+
 def planning_trainer(module: MNISTClassifier, steps: int) -> SimpleNamespace:
     """What configure_optimizers asks of a Trainer fitting one epoch of `steps` batches, one per call."""
     return SimpleNamespace(
@@ -239,7 +248,9 @@ def test_decay_last_third_holds_the_rate_then_decays_it_linearly_to_zero_over_th
 def trained_one_step(**hparams: object) -> MNISTClassifier:
     """One SGD step at a learning rate large enough to stretch every weight vector."""
     torch.manual_seed(0)
-    module = MNISTClassifier(hidden=[16, 8], optimizer="sgd", lr=50.0, momentum=0.0, scheduler="none", **hparams)
+    module = MNISTClassifier(
+        hidden=[16, 8], optimizer="sgd", lr=50.0, momentum=0.0, scheduler="none", label_smoothing=0.0, **hparams
+    )
     data = torch.utils.data.TensorDataset(torch.randn(32, 784), torch.randint(0, 10, (32,)))
     trainer = L.Trainer(
         max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

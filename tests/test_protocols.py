@@ -19,6 +19,7 @@ from mnist_lit import report
 from mnist_lit import run as experiment
 from mnist_lit.config import register
 from mnist_lit.errors import ConfigError
+from mnist_lit.module import DecayLastThird
 from mnist_lit.resume import expand_resume
 from tests.conftest import CONF_DIR, FAST_TRAIN, SyntheticMNIST, run_module
 
@@ -189,3 +190,25 @@ def test_resume_latest_says_so_when_no_run_qualifies(tmp_path: Path, monkeypatch
         "resume=latest: no run under outputs/runs has a checkpoints/last.ckpt and is unfinished (completed, diverged "
         "and pruned runs are done); give the run folder instead: resume=outputs/runs/<run>."
     )
+
+
+# ---------------------------------------------------------------------------- the Ladder paper's baseline
+
+
+def test_the_ladder_baseline_preset_is_the_papers_protocol(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", "experiment=ladder_baseline"])
+    datamodule, model, trainer = experiment.build_run(cfg)
+    # All 60k images train, no validation runs, and the last epoch is the one tested.
+    assert not datamodule.validates and trainer.limit_val_batches == 0
+    assert trainer.checkpoint_callback.monitor is None and trainer.checkpoint_callback.filename == "last"
+    assert (datamodule.batch_size, trainer.max_epochs) == (100, 150)
+    hp = model.hparams
+    assert (hp.optimizer, hp.lr, hp.weight_decay, hp.label_smoothing) == ("adam", 0.002, 0.0, 0.0)
+    assert hp.scheduler == "decay_last_third"
+    # 600 steps an epoch: lr 0.002 through epoch 100, half of it at epoch 125, none after epoch 150.
+    factor = DecayLastThird(150 * 600)
+    assert [factor(epoch * 600) for epoch in (0, 100, 125, 150)] == [1.0, 1.0, 0.5, 0.0]
+    # Noise std 0.3 on the 0-1 pixels (normalized by std 0.3081), 0.5 on every batch-normalized layer.
+    assert hp.input_noise * datamodule.std == pytest.approx(0.3, abs=1e-3) and hp.noise == 0.5
+    assert hp.batch_norm and list(hp.hidden) == [1000, 500, 250, 250, 250]

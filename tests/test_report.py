@@ -15,6 +15,7 @@ from mnist_lit.model import MLP
 from mnist_lit.report import (
     RESULTS_BEGIN,
     RESULTS_END,
+    RunGroup,
     aggregate,
     find_runs,
     groups_table,
@@ -248,6 +249,23 @@ def test_a_run_without_validation_shows_no_val_in_place_of_its_val_metrics(folds
     assert row[4:6] == ["0.9910", "no val"]
 
 
+def test_a_preset_that_reproduces_a_paper_has_the_papers_number_in_the_row_under_its_own(tmp_path: Path) -> None:
+    for seed, test_acc in enumerate([0.9921, 0.9915, 0.9918]):
+        make_run(
+            tmp_path / str(seed), [], completed(test_acc, 0.0, 800.0), hidden=[1000, 500, 250, 250, 250], seed=seed
+        )
+    runs = find_runs([tmp_path])
+    ladder, other = RunGroup(["experiment=ladder_baseline"], runs), RunGroup(["experiment=best_mlp_noaug"], runs)
+    ours, paper, unpublished = rows(groups_table([ladder, other], "seed"))
+    assert ours[0] == "experiment=ladder_baseline" and ours[4] == "0.9918 ± 0.0003"
+    assert paper == [
+        "↳ Rasmus et al. 2015, Table 1 (the paper)", "—", "[1000, 500, 250, 250, 250]", ours[3],
+        "0.9920 ± 0.0003", "—", "—",
+    ]  # fmt: skip
+    assert unpublished[0] == "experiment=best_mlp_noaug"
+    assert len(rows(groups_table([ladder], "fold"))) == 1  # folds are no reproduction of a paper's row
+
+
 def test_cli_reports_by_fold_and_says_when_there_is_nothing_to_group(folds_dir: Path, tmp_path: Path) -> None:
     result = run_module("mnist_lit.report", str(folds_dir), "--by-fold", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -298,14 +316,15 @@ def test_readme_results_block_is_replaced_with_the_table_and_machine(tmp_path: P
         write_readme_results(readme, "| a |\n")
 
 
-def test_readme_results_cover_the_default_and_every_preset_over_three_seeds() -> None:
+def test_readme_results_cover_the_default_over_five_seeds_and_every_preset_over_three() -> None:
     """The README table comes from `make results`; a preset added since then is missing from it."""
     readme = (PROJECT_ROOT / "README.md").read_text()
     block = readme[readme.index(RESULTS_BEGIN) : readme.index(RESULTS_END)]
-    rows = [line for line in block.splitlines() if line.startswith("| ") and "3 (0,1,2)" in line]
-    labels = sorted(row.split(" | ")[0].removeprefix("| ") for row in rows)
+    seeds = {row[0]: row[1] for row in rows(block)}
     presets = sorted(f"experiment={path.stem}" for path in (CONF_DIR / "experiment").glob("*.yaml"))
-    assert labels == sorted(["—", *presets])
+    assert seeds.pop("—") == "5 (0,1,2,3,4)"
+    assert seeds.pop("↳ Rasmus et al. 2015, Table 1 (the paper)") == "—"
+    assert sorted(seeds) == presets and set(seeds.values()) == {"3 (0,1,2)"}
 
 
 def test_records_a_kill_cut_short_never_break_the_report(tmp_path: Path) -> None:
