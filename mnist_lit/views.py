@@ -151,10 +151,14 @@ def weight_grid(weights: Tensor, columns: int = 8) -> Tensor:
     fade, positive = 1 - scaled.abs(), scaled > 0
     tiles = torch.stack([torch.where(positive, 1.0, fade), fade, torch.where(positive, fade, 1.0)], dim=-1)
     (height, width), rows = IMAGE_SHAPE, math.ceil(count / columns)
+    # Each tile in a cell with a gray line above and to its left, the cells laid out row by row in
+    # one reshape (a Python loop over the tiles took 10 ms an epoch), and the last line below and right.
+    cells = torch.full((rows * columns, height + 1, width + 1, 3), 0.5)
+    cells[:count, 1:, 1:] = tiles
     grid = torch.full((rows * (height + 1) + 1, columns * (width + 1) + 1, 3), 0.5)
-    for index, tile in enumerate(tiles):
-        top, left = 1 + (index // columns) * (height + 1), 1 + (index % columns) * (width + 1)
-        grid[top : top + height, left : left + width] = tile
+    grid[:-1, :-1] = (
+        cells.reshape(rows, columns, height + 1, width + 1, 3).transpose(1, 2).reshape(grid[:-1, :-1].shape)
+    )
     return (grid * 255).round().to(torch.uint8)
 
 
