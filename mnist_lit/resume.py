@@ -20,6 +20,7 @@ The pieces, all here but the two states that live with what they describe:
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import signal
 import threading
@@ -30,9 +31,11 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mnist_lit.callbacks import CHECK_EVERY_N_STEPS
 from mnist_lit.config import PathsConfig
@@ -207,11 +210,47 @@ def expand_resume(args: list[str]) -> list[str]:
     saved = [override for override in OmegaConf.load(overrides) if not override.startswith("ckpt_path=")]
     return [
         *saved,
+        *recorded_model_settings(run),
         *(arg for arg in args if not arg.startswith("resume=")),
         f"hydra.run.dir={quoted(run)}",
         f"hydra.output_subdir=.hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}",
         f"ckpt_path={quoted(checkpoint)}",
     ]
+
+
+def recorded_model_settings(run: Path) -> list[str]:
+    """The model settings `run` recorded (`.hydra/config.yaml`) as overrides, so that it goes on with
+    them where the project's defaults have changed since it started (model.optimizer was adam
+    before it was adamw). Keys the model no longer takes are left to the checkpoint check."""
+    from mnist_lit.module import MNISTClassifier
+
+    try:
+        model = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml").model, resolve=False)
+    except (OSError, yaml.YAMLError, OmegaConfBaseException):  # cut by a kill: the checkpoint check says what differs
+        return []
+    taken = inspect.signature(MNISTClassifier).parameters
+    overrides = []
+    for key, value in model.items():
+        if key not in taken:
+            continue
+        if isinstance(value, dict):
+            overrides += [f"model.{key}.{k}={override_value(v)}" for k, v in value.items() if not k.startswith("_")]
+        else:
+            overrides.append(f"model.{key}={override_value(value)}")
+    return overrides
+
+
+def override_value(value: Any) -> str:
+    """`value` in Hydra's override grammar."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(item) for item in value) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"
+    return repr(value)
 
 
 def latest_unfinished_run(runs: Path) -> Path:

@@ -47,7 +47,9 @@ def per_step_reference(model: MNISTClassifier, batches: list[tuple[torch.Tensor,
         for images, labels in batches:
             logits = model.net(images)
             metrics.update(logits, labels)
-            loss.update(F.cross_entropy(logits, labels, reduction="none"))
+            loss.update(
+                F.cross_entropy(logits, labels, reduction="none", label_smoothing=model.hparams.label_smoothing)
+            )
     return {**{key: value.item() for key, value in metrics.compute().items()}, "train/loss": loss.compute().item()}
 
 
