@@ -193,6 +193,10 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _markdown_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(_cell(cell) for cell in cells) + " |"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|") or "—"
 
@@ -223,7 +227,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
             "—" if fit_seconds is None else f"{fit_seconds:.1f} s",
             *(run.metric_cell(key) for key in TABLE_METRICS),
         ]
-        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+        lines.append(_markdown_row(cells))
     return "\n".join(lines) + "\n"
 
 
@@ -394,9 +398,9 @@ def groups_table(groups: Sequence[RunGroup], over: str = "seed") -> str:
             _mean_std(group, "val/acc_best"),
             _mean_std(group, "fit_seconds", digits=1) + " s",
         ]
-        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+        lines.append(_markdown_row(cells))
         if over == "seed" and (published := _published_row(group)):
-            lines.append("| " + " | ".join(_cell(cell) for cell in published) + " |")
+            lines.append(_markdown_row(published))
     return "\n".join(lines) + "\n"
 
 

@@ -249,7 +249,7 @@ def override_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(override_value(item) for item in value) + "]"
     if isinstance(value, str):
-        return "'" + value.replace("'", "\\'") + "'"
+        return quoted(value)
     return repr(value)
 
 
@@ -287,6 +287,6 @@ def latest_unfinished_run(runs: Path) -> Path:
     return run
 
 
-def quoted(path: Path) -> str:
-    """A path as a quoted Hydra override value, whatever characters it holds."""
-    return "'" + str(path).replace("'", "\\'") + "'"
+def quoted(value: str | Path) -> str:
+    """A path or string as a quoted Hydra override value, whatever characters it holds."""
+    return "'" + str(value).replace("'", "\\'") + "'"
