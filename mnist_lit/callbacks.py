@@ -1,9 +1,9 @@
 """Callbacks of our own, entries of the `callbacks` config: the progress display (a bar, or one
 plain line per epoch when output is not a terminal), stopping on a non-finite or exploding loss,
-what TensorBoard shows beyond scalars (test report, histograms; the views of the model itself are
-in mnist_lit/views.py), and `EndsRunEarly`, the contract of a callback that ends a run on purpose.
-(The signal stop of exact resume is in mnist_lit/resume.py, an Optuna trial's pruning in
-mnist_lit/search/pruning.py.)"""
+batch norm's population statistics at the end of training, what TensorBoard shows beyond
+scalars (test report, histograms; the views of the model itself are in mnist_lit/views.py), and
+`EndsRunEarly`, the contract of a callback that ends a run on purpose. (The signal stop of exact
+resume is in mnist_lit/resume.py, an Optuna trial's pruning in mnist_lit/search/pruning.py.)"""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassPre
 
 from mnist_lit.data import TrainingChunk
 from mnist_lit.errors import SettingError, TrainingDiverged
+from mnist_lit.model import recompute_batch_norm_statistics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -186,6 +187,46 @@ class StepLearningRateMonitor(LearningRateMonitor):
                 self.lrs[name].append(rate)
                 for logger in trainer.loggers:
                     logger.log_metrics({name: rate}, step=step)
+
+
+class PopulationBatchNorm(Callback):
+    """After the last planned optimizer step (trainer.max_epochs or max_steps), batch norm's
+    running averages are replaced by its statistics over the whole training split, the clean path
+    in training order and batch size (`mnist_lit.model.recompute_batch_norm_statistics`): how
+    Rasmus et al. (2015) test their networks. The last epoch's validation, the last checkpoint and
+    the test use them; a checkpoint of an earlier epoch keeps its running averages, so a run that
+    can stop early (early stopping) is refused with it.
+
+    Every rank computes them over the whole split, in the same order: the same statistics on every
+    rank, with no collective. The pass draws no random numbers, so resume= stays bit-exact.
+    """
+
+    def __init__(self) -> None:
+        self.recomputed = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.recomputed = False
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1  # -1: no limit
+        last_epoch = 0 < max_epochs <= trainer.current_epoch + 1
+        ends_epoch = batch_idx + 1 == trainer.num_training_batches
+        ends_steps = 0 <= trainer.max_steps <= trainer.global_step
+        if not ((last_epoch and ends_epoch) or ends_steps):
+            return
+        split = trainer.train_dataloader
+        with trainer.precision_plugin.forward_context():
+            recompute_batch_norm_statistics(pl_module.net, split.images, split.batch_size)
+        self.recomputed = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.recomputed:
+            log.warning(
+                "Training stopped before its last planned step: batch norm keeps its running averages, "
+                "not the population statistics callbacks.population_batch_norm computes at the end."
+            )
 
 
 def tensorboard_writer(trainer: L.Trainer) -> SummaryWriter | None:

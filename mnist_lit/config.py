@@ -258,6 +258,7 @@ def register() -> None:
         "early_stopping": EarlyStopping,
         "lr_monitor": callbacks.StepLearningRateMonitor,
         "stop_on_divergence": callbacks.StopOnDivergence,
+        "population_batch_norm": callbacks.PopulationBatchNorm,
         "test_report": callbacks.ClassificationReport,
         "histograms": callbacks.ParameterHistograms,
         "embeddings": views.Embeddings,

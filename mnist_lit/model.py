@@ -124,3 +124,30 @@ class MLP(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.layers(images)
+
+
+@torch.no_grad()
+def recompute_batch_norm_statistics(net: nn.Module, images: Tensor, batch_size: int) -> None:
+    """Replace every batch norm's running averages with the average of its batch statistics over
+    `images`, in order, `batch_size` at a time, on the clean path (no noise, no dropout).
+
+    Running averages (momentum 0.1) mostly remember the last ten batches, and the weights they
+    saw; statistics of the finished network over the whole training set are what Rasmus et al.
+    (2015) test with (their code's FinalTestMonitoring).
+    """
+    norms = [module for module in net.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    was_training, momenta = net.training, [norm.momentum for norm in norms]
+    net.eval()  # noise and dropout off
+    for norm in norms:
+        norm.train()  # normalize by each batch's statistics, and add them up
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: every batch counts the same
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            net(images[start : start + batch_size])
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        net.train(was_training)

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMon
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_lit.callbacks import EndsRunEarly
+from mnist_lit.callbacks import EndsRunEarly, PopulationBatchNorm
 from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable
 from mnist_lit.config import arguments, build, check_arguments, to_plain
 from mnist_lit.data import MNISTDataModule
@@ -101,12 +101,15 @@ def build_callbacks(
     """The callbacks of `callbacks.*`, by name; those that watch a metric must watch one the model
     logs, and without validation (`validates` false: data.val_size=0) not a `val/` one."""
     built: list[Callback] = []
+    stoppers: list[str] = []  # the names of early-stopping callbacks
     for name, node in callbacks.items():
         if node is None:
             continue
         callback = build(node, f"callbacks.{name}")
         if callback is None:  # e.g. progress_display(mode=none)
             continue
+        if isinstance(callback, EarlyStopping):
+            stoppers.append(name)
         monitor = getattr(callback, "monitor", None)
         if (
             isinstance(callback, (ModelCheckpoint, EarlyStopping))
@@ -136,6 +139,14 @@ def build_callbacks(
         if isinstance(callback, LearningRateMonitor) and not has_logger:
             continue
         built.append(callback)
+    if stoppers and any(isinstance(callback, PopulationBatchNorm) for callback in built):
+        # The statistics come after the last planned step, which an early stop never reaches.
+        raise refused(
+            f"callbacks.{stoppers[0]}",
+            "EarlyStopping",
+            "callbacks.population_batch_norm computes batch norm's statistics after the last planned step, "
+            f"which an early stop skips: remove one of them (~callbacks.{stoppers[0]})",
+        )
     return built
 
 
