@@ -13,7 +13,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from mnist_lit.errors import ConfigError
-from mnist_lit.model import MLP, NoisyBatchNorm
+from mnist_lit.model import MLP, NoisyBatchNorm, recompute_batch_norm_statistics
 from mnist_lit.module import MNISTClassifier
 from mnist_lit.resume import check_schedule_length
 
@@ -117,6 +117,32 @@ def test_a_batch_norm_model_trains_checkpoints_and_predicts_deterministically(tm
     images = torch.randn(8, 784)
     expected = module.eval().predict_step(images, 0)
     assert torch.equal(restored.eval().predict_step(images, 0), expected)
+
+
+def test_population_statistics_average_the_clean_paths_batch_statistics_over_every_batch() -> None:
+    torch.manual_seed(0)
+    net = MLP([8, 6], batch_norm=True, noise=0.5, input_noise=0.5, dropout=0.2)
+    images = torch.randn(40, 784)
+    first_linear, first_norm = net.layers[2], net.layers[3].normalize  # after Flatten, input noise
+    stale = [norm.normalize.running_mean.clone() for norm in net.modules() if isinstance(norm, NoisyBatchNorm)]
+    recompute_batch_norm_statistics(net, images, batch_size=10)
+    # Noise and dropout off: the first layer sees the bare pre-activations; each of the four batches
+    # counts the same, with its own mean and unbiased variance.
+    with torch.no_grad():
+        batches = first_linear(images).split(10)
+    assert torch.allclose(first_norm.running_mean, torch.stack([b.mean(0) for b in batches]).mean(0), atol=1e-6)
+    assert torch.allclose(first_norm.running_var, torch.stack([b.var(0) for b in batches]).mean(0), atol=1e-6)
+    norms = [module.normalize for module in net.modules() if isinstance(module, NoisyBatchNorm)]
+    assert [norm.num_batches_tracked.item() for norm in norms] == [4, 4, 4]
+    assert all(not torch.equal(norm.running_mean, old) for norm, old in zip(norms, stale, strict=True))
+    # The network is as it was: training mode, momentum 0.1 for the training that may follow.
+    assert net.training and all(norm.training and norm.momentum == 0.1 for norm in norms)
+    # No random draw: the same statistics whatever the generator's state.
+    statistics = [(norm.running_mean.clone(), norm.running_var.clone()) for norm in norms]
+    torch.manual_seed(1)
+    recompute_batch_norm_statistics(net, images, batch_size=10)
+    for norm, (mean, var) in zip(norms, statistics, strict=True):
+        assert torch.equal(norm.running_mean, mean) and torch.equal(norm.running_var, var)
 
 
 def test_metrics_match_values_computed_by_hand() -> None:

@@ -17,8 +17,11 @@ from omegaconf import DictConfig
 
 from mnist_lit import report
 from mnist_lit import run as experiment
+from mnist_lit.callbacks import PopulationBatchNorm
+from mnist_lit.checkpoint import load_classifier
 from mnist_lit.config import register
 from mnist_lit.errors import ConfigError
+from mnist_lit.model import recompute_batch_norm_statistics
 from mnist_lit.module import DecayLastThird
 from mnist_lit.resume import expand_resume
 from tests.conftest import CONF_DIR, FAST_TRAIN, SyntheticMNIST, run_module
@@ -212,3 +215,90 @@ def test_the_ladder_baseline_preset_is_the_papers_protocol(tmp_path: Path) -> No
     # Noise std 0.3 on the 0-1 pixels (normalized by std 0.3081), 0.5 on every batch-normalized layer.
     assert hp.input_noise * datamodule.std == pytest.approx(0.3, abs=1e-3) and hp.noise == 0.5
     assert hp.batch_norm and list(hp.hidden) == [1000, 500, 250, 250, 250]
+    # Tested, as the paper's code tests, with batch norm's statistics over all the training images.
+    assert any(isinstance(callback, PopulationBatchNorm) for callback in trainer.callbacks)
+
+
+# ------------------------------------------------------------------ batch norm's population statistics
+
+BATCH_NORM = ["model.batch_norm=true", "model.noise=0.3", "model.input_noise=0.3", "model.dropout=0.1"]
+POPULATION = "callbacks=population_batch_norm"
+
+
+def training_images(cfg: DictConfig) -> torch.Tensor:
+    """The run's training split, in the order the training batches take it."""
+    datamodule, _, _ = experiment.build_run(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule.splits["train"][0]
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        pytest.param([], id="max_epochs"),
+        pytest.param(["trainer.max_steps=17"], id="max_steps-mid-epoch"),
+        pytest.param(["data.batches_per_call=5"], id="5-steps-per-call"),
+    ],
+)
+def test_population_batch_norm_replaces_the_running_averages_once_the_last_step_is_taken(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, ending: list[str]
+) -> None:
+    runs = {}
+    for name, extra in (("running", []), ("population", [POPULATION])):
+        cfg = compose_train(tmp_path / name, synthetic_mnist, *ALL_IMAGES, *BATCH_NORM, *ending, *extra)
+        metrics = experiment.fit_and_test(cfg, [])
+        state = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+        runs[name] = metrics, state["state_dict"]
+    (running_metrics, running), (population_metrics, population) = runs["running"], runs["population"]
+    norm_keys = {key for key in running if ".running_" in key or key.endswith(".num_batches_tracked")}
+    assert len(norm_keys) == 3 * 3  # mean, var and count of 3 batch norms
+    # Training is untouched: the same steps and the same weights, to the last bit.
+    steps = 17 if "trainer.max_steps=17" in ending else 2 * 600 // 50
+    assert population_metrics["global_step"] == running_metrics["global_step"] == steps
+    assert all(torch.equal(population[key], running[key]) for key in running.keys() - norm_keys)
+    assert all(not torch.equal(population[key], running[key]) for key in norm_keys if ".running_" in key)
+    # The last checkpoint holds the finished network's statistics over the whole training split, in
+    # training-size batches (50), as computed again here from its weights ...
+    model, _ = load_classifier(tmp_path / "running" / "checkpoints" / "last.ckpt")
+    recompute_batch_norm_statistics(model.net, training_images(cfg), batch_size=50)
+    recomputed = model.state_dict()
+    assert all(torch.equal(recomputed[key], population[key]) for key in norm_keys)
+    assert population["net.layers.3.normalize.num_batches_tracked"].item() == 600 // 50
+    assert population_metrics["test/loss"] != running_metrics["test/loss"]  # ... and the test used them
+
+
+class StopsAfterTheFirstEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+def test_a_run_stopped_before_its_last_step_keeps_the_running_averages_and_says_so(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = compose_train(tmp_path / "run", synthetic_mnist, *ALL_IMAGES, *BATCH_NORM, POPULATION)
+    metrics = experiment.fit_and_test(cfg, [StopsAfterTheFirstEpoch()])
+    assert metrics["global_step"] == 600 // 50
+    model, _ = load_classifier(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    running = model.net.layers[3].normalize.running_var.clone()
+    recompute_batch_norm_statistics(model.net, training_images(cfg), batch_size=50)
+    assert not torch.equal(model.net.layers[3].normalize.running_var, running)
+    assert (
+        "Training stopped before its last planned step: batch norm keeps its running averages, not the "
+        "population statistics callbacks.population_batch_norm computes at the end." in caplog.messages
+    )
+
+
+def test_population_batch_norm_beside_early_stopping_is_refused_before_any_work(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    added = "+callbacks.population_batch_norm={_target_:mnist_lit.callbacks.PopulationBatchNorm}"
+    cfg = compose_train(tmp_path / "run", synthetic_mnist, *BATCH_NORM, "callbacks=early_stopping", added)
+    with pytest.raises(ConfigError) as error:
+        experiment.build_run(cfg)
+    assert str(error.value) == (
+        "callbacks.early_stopping='EarlyStopping' is not allowed: callbacks.population_batch_norm computes batch "
+        "norm's statistics after the last planned step, which an early stop skips: remove one of them "
+        "(~callbacks.early_stopping)."
+    )
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
