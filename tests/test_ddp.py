@@ -24,8 +24,10 @@ from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util.tensor_util import make_ndarray
 
+from mnist_lit.checkpoint import load_classifier
 from mnist_lit.config import register, to_plain
-from mnist_lit.model import MLP
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.model import MLP, recompute_batch_norm_statistics
 from mnist_lit.module import PENDING_TRAIN_INPUTS
 from mnist_lit.resume import RESUME_STATE
 from tests.conftest import (
@@ -336,3 +338,34 @@ def test_ddp_trains_the_same_with_one_or_several_steps_per_call(
     assert expected["global_step"] == got["global_step"] == 2 * STEPS_PER_EPOCH
     ignored = {"fit_seconds", "ckpt_path"}
     assert {k: v for k, v in got.items() if k not in ignored} == {k: v for k, v in expected.items() if k not in ignored}
+
+
+@fresh_interpreters
+def test_ddp_ranks_share_the_population_batch_norm_statistics_of_the_whole_training_split(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    """Each rank trains on its shard but computes the statistics over the whole split, in the same
+    order: the checkpoint holds those of one process, and the ranks' synced test loss equals a single
+    process's evaluation of it (a rank with statistics of its own shard would differ)."""
+    model = ["model.batch_norm=true", "model.noise=0.3", "callbacks=population_batch_norm"]
+    # All images train and the last epoch is tested: the checkpoint written after the statistics.
+    args = [*DDP_TRAIN, *model, "data.val_size=0", "~callbacks.model_checkpoint", "logger=none"]
+    run_dir, _ = train_on_synthetic(synthetic_mnist, tmp_path, *args)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    model, data = load_classifier(metrics["ckpt_path"])
+    saved = {key: value.clone() for key, value in model.state_dict().items() if ".running_" in key}
+    datamodule = MNISTDataModule(**{**data, "root": str(tmp_path / "data"), "mirror": None})
+    datamodule.setup("fit")
+    recompute_batch_norm_statistics(model.net, datamodule.splits["train"][0], batch_size=50)
+    recomputed = model.state_dict()
+    # To float rounding: each rank runs one thread, this process may sum in another order (a rank's
+    # own shard would give other statistics).
+    assert len(saved) == 4
+    assert all(torch.allclose(recomputed[key], value, rtol=1e-5, atol=1e-6) for key, value in saved.items())
+    checkpoint, mirror = f"ckpt_path={metrics['ckpt_path']}", f"data.mirror={synthetic_mnist.mirror}"
+    result = run_in_process("mnist_lit.eval", checkpoint, mirror, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (eval_dir,) = (tmp_path / "outputs" / "evals").iterdir()
+    evaluated = json.loads((eval_dir / "metrics.json").read_text())
+    # The loss moves with the statistics (these digits are all classified right either way).
+    assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
