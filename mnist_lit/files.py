@@ -37,9 +37,10 @@ PARTIAL_NAME = re.compile(r"^\..*\.(\d+)\.partial[^/]*$")
 
 
 def remove_stale_partials(folder: Path) -> None:
-    """Delete the temporary files that killed processes left in `folder` (`atomic_path`, a
-    checkpoint can be hundreds of MB); those of living processes are theirs to finish."""
-    for partial in folder.glob(".*.partial*"):
+    """Delete the temporary files that killed processes left in `folder` and the folders within
+    (`atomic_path`: a checkpoint can be hundreds of MB, a TensorBoard projector file sits three
+    levels down); those of living processes are theirs to finish."""
+    for partial in folder.rglob(".*.partial*"):
         match = PARTIAL_NAME.match(partial.name)
         if match and not _is_alive(int(match.group(1))):
             partial.unlink(missing_ok=True)

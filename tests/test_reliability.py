@@ -435,10 +435,15 @@ def test_stale_partial_files_of_killed_writers_are_removed_and_those_of_living_o
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".last.{int(dead.stdout)}.partial.ckpt"
     writing = tmp_path / f".best-epoch02-acc0.9100.{os.getpid()}.partial.ckpt"
-    for path in (stale, writing, tmp_path / "last.ckpt"):
+    # A kill while the embeddings view writes its projector files leaves one deep in the run folder.
+    projector = tmp_path / "tensorboard" / "projector" / "last_hidden_layer"
+    projector.mkdir(parents=True)
+    stale_deep = projector / f".tensors.{int(dead.stdout)}.partial.tsv"
+    for path in (stale, writing, tmp_path / "last.ckpt", stale_deep, projector / "tensors.tsv"):
         path.write_bytes(b"x")
     remove_stale_partials(tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([writing.name, "last.ckpt"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([writing.name, "last.ckpt", "tensorboard"])
+    assert [path.name for path in projector.iterdir()] == ["tensors.tsv"]
 
 
 def test_a_full_disk_stops_training_in_one_line_and_resume_goes_on_once_there_is_room(
