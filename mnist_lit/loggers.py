@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from mnist_lit.config import arguments, build, to_plain
 from mnist_lit.errors import ConfigError
+from mnist_lit.speed import fast_tensorboard_checksums
 
 # Declared to TensorBoard's HPARAMS tab; their values come from the scalars logged during the run.
 HPARAM_METRICS = ("val/acc_best", "val/loss", "test/acc", "test/loss", "test/precision", "test/recall", "test/f1")
@@ -80,7 +81,10 @@ def build_loggers(loggers: DictConfig) -> dict[str, Logger]:
     nodes = {f"logger.{name}": to_plain(node) for name, node in loggers.items() if node is not None}
     for key, node in nodes.items():
         prepare_logger(node, key)
-    return {key: build(node, key) for key, node in nodes.items()}
+    loggers = {key: build(node, key) for key, node in nodes.items()}
+    if any(isinstance(logger, TensorBoardLogger) for logger in loggers.values()):
+        fast_tensorboard_checksums()
+    return loggers
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, Any]:

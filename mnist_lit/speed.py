@@ -30,6 +30,30 @@ def skip_nvml_cuda_check() -> None:
     os.environ.pop(NVML_CHECK, None)
 
 
+def masked_crc32c(data: bytes) -> int:
+    """The masked CRC-32C that TensorBoard's event files carry for every record, computed in C."""
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def fast_tensorboard_checksums() -> None:
+    """Give TensorBoard's event writer a CRC-32C computed in C instead of its pure-Python one.
+
+    Every record TensorBoard writes carries a checksum of its bytes, which `tensorboard` computes one
+    byte at a time in Python: 24 ms for the 134 kB first-layer image of every epoch, on the writer's
+    thread but holding the GIL, so training waits (the image cost 34 ms an epoch, a tenth of an epoch
+    at batch 512); google-crc32c computes the same number in 5 us. The event files are the same, bit
+    for bit. Where google-crc32c has no compiled code, TensorBoard keeps its own.
+    """
+    import google_crc32c
+    from tensorboard.summary.writer import record_writer
+
+    if google_crc32c.implementation == "c":
+        record_writer.masked_crc32c = masked_crc32c
+
+
 # The attribute Lightning sets on the LightningModule around each hook it calls (a private name).
 HOOK_NAME_ATTRIBUTE = "_current_fx_name"
 

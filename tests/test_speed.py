@@ -206,3 +206,30 @@ def test_cpu_flags_are_read_from_this_machine() -> None:
     flags = speed.cpu_flags()
     if sys.platform == "linux":
         assert "fpu" in flags or "fp" in flags or "neon" in flags  # x86 or ARM
+
+
+def test_tensorboards_event_writer_takes_its_checksum_from_its_module_and_ours_is_the_same_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tensorboards_own
+    from tensorboard.summary.writer import record_writer
+
+    # The same number as TensorBoard's pure-Python checksum, for an empty record, a byte, an image's size.
+    generator = torch.Generator().manual_seed(0)
+    records = [b"", b"x", bytes(torch.randint(0, 256, (134_000,), generator=generator, dtype=torch.uint8).tolist())]
+    assert [speed.masked_crc32c(record) for record in records] == [tensorboards_own(record) for record in records]
+    # The writer looks the function up in its module at every record (header and data), where the
+    # trick puts ours: patched, it is what the writer calls.
+    calls: list[int] = []
+    monkeypatch.setattr(record_writer, "masked_crc32c", lambda data: calls.append(len(data)) or tensorboards_own(data))
+    written = io.BytesIO()
+    record_writer.RecordWriter(written).write(records[2])
+    assert calls == [8, 134_000]
+    monkeypatch.undo()
+    speed.fast_tensorboard_checksums()
+    assert record_writer.masked_crc32c is speed.masked_crc32c
+    again = io.BytesIO()
+    record_writer.RecordWriter(again).write(records[2])
+    assert again.getvalue() == written.getvalue()  # the event file, bit for bit
