@@ -233,3 +233,19 @@ def test_tensorboards_event_writer_takes_its_checksum_from_its_module_and_ours_i
     again = io.BytesIO()
     record_writer.RecordWriter(again).write(records[2])
     assert again.getvalue() == written.getvalue()  # the event file, bit for bit
+
+
+def test_lightning_hands_a_chunks_batches_to_the_step_undrawn() -> None:
+    """A chunk holds the rows of its batches (mnist_lit/data.py ChunkBatches), drawn one at a time by
+    the training step: Lightning's move of the batch to the device leaves that object as it is."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from mnist_lit.data import ChunkBatches, TrainingChunk
+
+    images, labels = torch.arange(12.0).reshape(6, 2), torch.arange(6)
+    batches = ChunkBatches(images, labels, [torch.tensor([4, 0]), slice(2, 4)])
+    moved = move_data_to_device(TrainingChunk(3, batches), torch.device("cpu"))
+    assert moved.first == 3 and moved.batches is batches
+    (first_images, first_labels), (second_images, second_labels) = moved.batches
+    assert first_labels.tolist() == [4, 0] and torch.equal(first_images, images[[4, 0]])
+    assert second_labels.tolist() == [2, 3] and second_images.data_ptr() == images[2].data_ptr()  # a view
