@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassPre
 from mnist_lit.data import TrainingChunk
 from mnist_lit.errors import SettingError, TrainingDiverged
 from mnist_lit.model import recompute_batch_norm_statistics
+from mnist_lit.module import planned_optimizer_steps
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -190,31 +191,30 @@ class StepLearningRateMonitor(LearningRateMonitor):
 
 
 class PopulationBatchNorm(Callback):
-    """After the last planned optimizer step (trainer.max_epochs or max_steps), batch norm's
-    running averages are replaced by its statistics over the whole training split, the clean path
-    in training order and batch size (`mnist_lit.model.recompute_batch_norm_statistics`): how
-    Rasmus et al. (2015) test their networks. The last epoch's validation, the last checkpoint and
-    the test use them; a checkpoint of an earlier epoch keeps its running averages, so a run that
-    can stop early (early stopping) is refused with it.
+    """After the last planned optimizer step (`planned_optimizer_steps`, which the learning-rate
+    schedule is planned over too), batch norm's running averages are replaced by its statistics
+    over the whole training split, the clean path in training order and batch size
+    (`mnist_lit.model.recompute_batch_norm_statistics`): how Rasmus et al. (2015) test their
+    networks. The last epoch's validation, the last checkpoint and the test use them; a checkpoint
+    of an earlier epoch keeps its running averages, so a run that can stop early (early stopping)
+    is refused with it.
 
     Every rank computes them over the whole split, in the same order: the same statistics on every
     rank, with no collective. The pass draws no random numbers, so resume= stays bit-exact.
     """
 
     def __init__(self) -> None:
+        self.last_step = 0  # 0: no planned end (neither max_epochs nor max_steps)
         self.recomputed = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_step = planned_optimizer_steps(trainer)
         self.recomputed = False
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1  # -1: no limit
-        last_epoch = 0 < max_epochs <= trainer.current_epoch + 1
-        ends_epoch = batch_idx + 1 == trainer.num_training_batches
-        ends_steps = 0 <= trainer.max_steps <= trainer.global_step
-        if not ((last_epoch and ends_epoch) or ends_steps):
+        if not 0 < self.last_step <= trainer.global_step:
             return
         split = trainer.train_dataloader
         with trainer.precision_plugin.forward_context():

@@ -9,6 +9,7 @@ datamodule's test tensors, not the test batches, so they cover the whole test se
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import warnings
@@ -170,8 +171,6 @@ def image_summary(tag: str, pixels: Tensor) -> Summary:
     """TensorBoard's summary of a uint8 RGB image [H, W, 3], as `SummaryWriter.add_image` writes it,
     but a PNG compressed at zlib's level 1 instead of Pillow's default 6: 5 against 10 ms for the
     first-layer grid of every epoch, and smaller too (123 against 135 kB of noisy weights)."""
-    import io
-
     from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
 
