@@ -142,19 +142,30 @@ def _download(root: Path, keys: list[str]) -> None:
         ) from None
 
 
-def load_split(raw_dir: Path, train: bool, mean: float, std: float) -> tuple[Tensor, Tensor]:
-    """Read one split's checked IDX files and normalize it once: float32 [N, 784] and int64 [N]."""
+def read_split(raw_dir: Path, train: bool) -> tuple[Tensor, Tensor]:
+    """Read one split's checked IDX files as they are: uint8 pixels [N, 784] and int64 labels [N]."""
     prefix = "train" if train else "test"
-    images = torch.from_numpy(read_idx(raw_dir / MNIST_FILES[f"{prefix}_images"], "images"))
+    pixels = torch.from_numpy(read_idx(raw_dir / MNIST_FILES[f"{prefix}_images"], "images"))
     labels = torch.from_numpy(read_idx(raw_dir / MNIST_FILES[f"{prefix}_labels"], "labels")).long()
-    count, label_count = images.shape[0], labels.shape[0]
+    count, label_count = pixels.shape[0], labels.shape[0]
     if count != label_count:
         raise DataError(
             f"{raw_dir}: {count} {prefix} images but {label_count} labels; the files do not belong together."
         )
     if labels.max() >= NUM_CLASSES:  # uint8, so never below 0; read_idx refuses empty files
         raise DataError(f"{raw_dir / MNIST_FILES[f'{prefix}_labels']}: labels outside 0-9.")
-    return images.reshape(count, IMAGE_SIZE).float().div_(255).sub_(mean).div_(std), labels
+    return pixels.reshape(count, IMAGE_SIZE), labels
+
+
+def normalize(pixels: Tensor, mean: float, std: float) -> Tensor:
+    """uint8 pixels as float32 inputs, normalized once for every epoch: (pixel / 255 - mean) / std."""
+    return pixels.float().div_(255).sub_(mean).div_(std)
+
+
+def load_split(raw_dir: Path, train: bool, mean: float, std: float) -> tuple[Tensor, Tensor]:
+    """One split's normalized images, float32 [N, 784], and its labels, int64 [N]."""
+    pixels, labels = read_split(raw_dir, train)
+    return normalize(pixels, mean, std), labels
 
 
 class EpochShuffle:
@@ -407,6 +418,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.mean = mean
         self.std = std
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.files_verified = False
         # trainer.limit_train_batches, handed here by the run: Lightning would count training_step
         # calls, each of which takes `batches_per_call` batches.
         self.train_batch_limit: int | float | None = None
@@ -418,22 +430,25 @@ class MNISTDataModule(L.LightningDataModule):
         return self.folds is not None or self.val_size > 0
 
     def prepare_data(self) -> None:
-        ensure_mnist(self.raw_dir, self.mirror, self.sha256)
+        # Lightning calls this before fitting and again before testing: hashing the 55 MB once is enough.
+        if not self.files_verified:
+            ensure_mnist(self.raw_dir, self.mirror, self.sha256)
+            self.files_verified = True
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and "train" not in self.splits:
-            images, labels = load_split(self.raw_dir, train=True, mean=self.mean, std=self.std)
-            train_rows, val_rows = self._split(images.shape[0])
+            pixels, labels = read_split(self.raw_dir, train=True)
+            train_rows, val_rows = self._split(pixels.shape[0])
             if self.batch_size > len(train_rows):
                 raise DataError(
                     f"data.batch_size={self.batch_size} is larger than the {len(train_rows)} "
                     "training images. Use a smaller data.batch_size."
                 )
-            self.splits["train"] = self._to_device(images[train_rows], labels[train_rows])
+            self.splits["train"] = self._on_device(pixels[train_rows], labels[train_rows])
             if self.validates:
-                self.splits["val"] = self._to_device(images[val_rows], labels[val_rows])
+                self.splits["val"] = self._on_device(pixels[val_rows], labels[val_rows])
         if stage in ("test", "predict") and "test" not in self.splits:
-            self.splits["test"] = self._to_device(*load_split(self.raw_dir, train=False, mean=self.mean, std=self.std))
+            self.splits["test"] = self._on_device(*read_split(self.raw_dir, train=False))
 
     def _split(self, count: int) -> tuple[Tensor, Tensor]:
         """The rows of the training and of the validation images among the `count` training images."""
@@ -453,11 +468,15 @@ class MNISTDataModule(L.LightningDataModule):
         parts = order.tensor_split(self.folds)
         return torch.cat([part for index, part in enumerate(parts) if index != self.fold]), parts[self.fold]
 
-    def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        # On a GPU the whole dataset (about 200 MB) lives there: no host-to-device copy per step.
+    def _on_device(self, pixels: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """A split's normalized images and labels where the model runs: on a GPU the whole dataset
+        (about 200 MB) lives there, with no host-to-device copy per step.
+
+        The rows are picked as uint8 and normalized after: the same values as normalizing all 60k
+        images first, with a quarter of the memory traffic of picking float32 rows."""
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        return images.to(device), labels.to(device)
+        return normalize(pixels, self.mean, self.std).to(device), labels.to(device)
 
     def _batches(self, split: str, batch_size: int, shuffle: bool) -> TensorBatches:
         images, labels = self.splits[split]

@@ -70,6 +70,32 @@ def test_normalization_uses_the_given_mean_and_std(synthetic_mnist: SyntheticMNI
     assert images.dtype == torch.float32
 
 
+def test_split_rows_are_the_normalized_images_rows_bit_for_bit(datamodule: MNISTDataModule) -> None:
+    # setup picks rows of the uint8 pixels and normalizes them after (mnist_lit/data.py _on_device):
+    # that must give exactly what normalizing every image first gives.
+    images, labels = load_split(datamodule.raw_dir, train=True, mean=datamodule.mean, std=datamodule.std)
+    train_rows, val_rows = datamodule._split(images.shape[0])
+    for split, rows in (("train", train_rows), ("val", val_rows)):
+        split_images, split_labels = datamodule.splits[split]
+        assert torch.equal(split_images, images[rows]) and torch.equal(split_labels, labels[rows])
+    test_images, test_labels = load_split(datamodule.raw_dir, train=False, mean=datamodule.mean, std=datamodule.std)
+    assert torch.equal(datamodule.splits["test"][0], test_images)
+    assert torch.equal(datamodule.splits["test"][1], test_labels)
+
+
+def test_files_are_verified_once_per_datamodule(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mnist_lit.data
+
+    calls = []
+    monkeypatch.setattr(mnist_lit.data, "ensure_mnist", lambda *args: calls.append(args))
+    dm = make_datamodule(synthetic_mnist, tmp_path)
+    dm.prepare_data()  # Lightning: before fitting
+    dm.prepare_data()  # and again before testing
+    assert calls == [(dm.raw_dir, dm.mirror, dm.sha256)]
+
+
 def test_training_batches_are_shuffled_per_epoch_and_reproducible(datamodule: MNISTDataModule) -> None:
     loader = datamodule.train_dataloader()
     assert loader.num_batches == 16  # ceil(500 / 32)
