@@ -14,6 +14,7 @@ from mnist_lit.config import arguments, register, require
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import reported_as_exit
 from mnist_lit.run import final_metrics, trainer_arguments, write_json_atomically
+from mnist_lit.speed import exit_without_collecting_garbage
 from mnist_lit.startup import prepare_process
 
 register()
@@ -56,3 +57,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_collecting_garbage()

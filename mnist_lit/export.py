@@ -17,6 +17,7 @@ from mnist_lit.config import arguments, register, require
 from mnist_lit.errors import ConfigError, ExportError, reported_as_exit
 from mnist_lit.files import atomic_path, checked_output
 from mnist_lit.preprocess import MNIST_MEAN, MNIST_STD
+from mnist_lit.speed import exit_without_collecting_garbage
 from mnist_lit.startup import prepare_process
 
 register()
@@ -172,3 +173,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_collecting_garbage()

@@ -4,7 +4,8 @@ The same work as `python -m mnist_lit.train` with the defaults, without a framew
 normalize MNIST, the 55k/5k split, 10 epochs of the 784-128-64-10 ReLU MLP with AdamW (weight
 decay 0.1), label smoothing 0.1 and a OneCycle schedule at batch 64, validation accuracy after
 every epoch, a checkpoint of the best, and the official test set on it. No config, logging,
-metrics library or resumability.
+metrics library or resumability. It exits as the commands do (mnist_lit/speed.py
+`exit_without_collecting_garbage`), so whole runs compare the work, not the exit.
 
     python -m mnist_lit.plain_loop --data ../shared/mnist --out /tmp/plain
 """
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from mnist_lit.data import ensure_mnist, load_split
 from mnist_lit.mnist import IMAGE_SIZE, MNIST_MEAN, MNIST_SHA256, MNIST_STD, NUM_CLASSES
+from mnist_lit.speed import exit_without_collecting_garbage
 
 
 def accuracy(net: nn.Module, images: Tensor, labels: Tensor) -> float:
@@ -83,3 +85,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_collecting_garbage()

@@ -21,6 +21,7 @@ from mnist_lit.config import register, require
 from mnist_lit.errors import ConfigError, reported_as_exit
 from mnist_lit.files import checked_output, make_folder, write_atomically
 from mnist_lit.preprocess import MNIST_MEAN, MNIST_STD, ImageError, find_images, normalize, preprocess_file
+from mnist_lit.speed import exit_without_collecting_garbage
 from mnist_lit.startup import prepare_process
 
 register()
@@ -182,3 +183,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_collecting_garbage()

@@ -7,6 +7,7 @@ of silently costing time (or correctness). `make bench` measures what they buy.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,19 @@ def skip_nvml_cuda_check() -> None:
     fresh interpreters).
     """
     os.environ.pop(NVML_CHECK, None)
+
+
+def exit_without_collecting_garbage() -> None:
+    """Spare the interpreter its garbage collections at exit: a command's last step.
+
+    While it tears the modules down at exit, CPython collects garbage over every object it tracks:
+    about 400k once torch and Lightning are imported, 0.19 s a collection, about 1 s in all
+    (`python -c "import lightning.pytorch"` ends after 4.4 s, 3.3 s with gc.freeze(); medians of 5).
+    It skips frozen objects. What that gives up: an object kept alive only by a reference cycle is
+    never finalized, so every file must be written and closed before this call. The atexit handlers
+    still run (logging's flush, MLflow's and W&B's own).
+    """
+    gc.freeze()
 
 
 def masked_crc32c(data: bytes) -> int:

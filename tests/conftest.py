@@ -4,6 +4,7 @@ process shows: exit by signal, DDP ranks, parallel jobs, imports of a fresh inte
 
 from __future__ import annotations
 
+import gc
 import gzip
 import hashlib
 import io
@@ -119,7 +120,7 @@ def run_in_process(module: str, *args: str, cwd: Path) -> Ran:
     `__main__` (runpy, as `python -m` does), its exit code, and what it printed, without the seconds
     a new interpreter spends importing torch and Lightning. What the command changes in the process
     (working folder, environment, logging, Hydra's state, torch's threads and random states, signal
-    handlers) is put back afterwards, so that the next test starts as in a fresh process."""
+    handlers, frozen objects) is put back afterwards, so that the next test starts as in a fresh process."""
     state = _ProcessState()
     stdout, stderr = io.StringIO(), io.StringIO()
     returncode = 0
@@ -189,6 +190,9 @@ class _ProcessState:
         }
 
     def restore(self) -> None:
+        # The commands end by freezing every object for a quick exit (mnist_lit/speed.py); this
+        # process goes on, and must collect them again.
+        gc.unfreeze()
         os.chdir(self.cwd)
         os.environ.clear()
         os.environ.update(self.environ)

@@ -3,6 +3,7 @@ leave this process as it found it."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ def process_state() -> dict[str, object]:
         "environ": dict(os.environ),
         "argv": sys.argv[:],
         "threads": torch.get_num_threads(),
+        "frozen objects": gc.get_freeze_count(),
         "hydra": HydraConfig.initialized(),
         "root handlers": logging.root.handlers[:],
         "root level": logging.root.level,
