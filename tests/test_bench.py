@@ -128,10 +128,19 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_the_startup_commands_name_modules_that_exist() -> None:
+    import ast
+    import importlib
     import importlib.util
 
     from mnist_lit.bench import STARTUP_COMMANDS
 
-    for name, args in STARTUP_COMMANDS.items():
-        module = args[1] if args[0] == "-m" else args[1].removeprefix("import ") if args[1] != "pass" else None
-        assert module is None or importlib.util.find_spec(module) is not None, name
+    for name, (option, argument) in ((name, args[:2]) for name, args in STARTUP_COMMANDS.items()):
+        if option == "-m":
+            modules = [argument]
+        else:  # -c: the code compiles, and what it imports and calls exists
+            code = ast.parse(argument)
+            modules = [alias.name for node in ast.walk(code) if isinstance(node, ast.Import) for alias in node.names]
+            for call in (node for node in ast.walk(code) if isinstance(node, ast.Call)):
+                module, _, function = ast.unparse(call.func).rpartition(".")
+                assert hasattr(importlib.import_module(module), function), name
+        assert all(importlib.util.find_spec(module) is not None for module in modules), name
