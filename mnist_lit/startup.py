@@ -19,6 +19,10 @@ def prepare_process() -> None:
     if _no_advertising not in lightning_log.filters:
         lightning_log.addFilter(_no_advertising)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # It compares log_every_n_steps with the calls of training_step in an epoch (27 at batch 64), but
+    # logging here counts optimizer steps, 32 per call (speed.count_logging_steps_in_optimizer_steps),
+    # and every metric but train/lr is logged per epoch: the warning was on every run, and never true.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
     # Under DDP it asks for sync_dist on epoch values that torchmetrics has synced already.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(train|val|test)/")
     skip_nvml_cuda_check()
