@@ -1,9 +1,9 @@
 """The default run as a plain PyTorch script: the floor `make bench` measures whole runs against.
 
 The same work as `python -m mnist_lit.train` with the defaults, without a framework: read and
-normalize MNIST, the 55k/5k split, 10 epochs of the 784-128-64-10 ReLU MLP with AdamW (weight
-decay 0.1), label smoothing 0.1 and a OneCycle schedule at batch 64, validation accuracy after
-every epoch, a checkpoint of the best, and the official test set on it. No config, logging,
+normalize MNIST, the train/validation split, the default recipe (the constants below: a ReLU MLP,
+AdamW, label smoothing, a OneCycle schedule), validation accuracy after every epoch, a checkpoint
+of the best, and the official test set on it. No config, logging,
 metrics library or resumability. It exits as the commands do (mnist_lit/speed.py
 `exit_without_collecting_garbage`), so whole runs compare the work, not the exit.
 
@@ -25,6 +25,17 @@ from mnist_lit.data import ensure_mnist, load_split
 from mnist_lit.mnist import IMAGE_SIZE, MNIST_MEAN, MNIST_SHA256, MNIST_STD, NUM_CLASSES
 from mnist_lit.speed import exit_without_collecting_garbage
 
+# The default run's recipe, as `python -m mnist_lit.train` resolves it (tests/test_bench.py checks).
+SEED = 42
+SPLIT_SEED = 1234
+VAL_SIZE = 5000
+BATCH_SIZE = 64
+EPOCHS = 10
+HIDDEN = (128, 64)
+LR = 4e-3
+WEIGHT_DECAY = 0.1
+LABEL_SMOOTHING = 0.1
+
 
 def accuracy(net: nn.Module, images: Tensor, labels: Tensor) -> float:
     net.eval()
@@ -41,31 +52,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mnist_lit.plain_loop", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="folder with the four MNIST files (gzipped or not)")
     parser.add_argument("--out", type=Path, required=True, help="where the checkpoint and metrics.json go")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     torch.set_num_threads(1)
-    torch.manual_seed(42)
+    torch.manual_seed(SEED)
     raw = args.out / "MNIST" / "raw"
     ensure_mnist(raw, str(args.data), MNIST_SHA256)
     images, labels = load_split(raw, train=True, mean=MNIST_MEAN, std=MNIST_STD)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234))
-    val_rows, train_rows = order[:5000], order[5000:]
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    val_rows, train_rows = order[:VAL_SIZE], order[VAL_SIZE:]
     train_x, train_y, val_x, val_y = images[train_rows], labels[train_rows], images[val_rows], labels[val_rows]
 
     net = nn.Sequential(
-        nn.Linear(IMAGE_SIZE, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES)
+        nn.Linear(IMAGE_SIZE, HIDDEN[0]), nn.ReLU(), nn.Linear(*HIDDEN), nn.ReLU(), nn.Linear(HIDDEN[1], NUM_CLASSES)
     )
-    steps_per_epoch = -(-len(train_y) // 64)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=4e-3, weight_decay=0.1, fused=True)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=4e-3, total_steps=args.epochs * steps_per_epoch)
+    steps_per_epoch = -(-len(train_y) // BATCH_SIZE)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=args.epochs * steps_per_epoch)
     best = 0.0
     for epoch in range(args.epochs):
         shuffled = torch.randperm(len(train_y))
-        for start in range(0, len(train_y), 64):
-            rows = shuffled[start : start + 64]
+        for start in range(0, len(train_y), BATCH_SIZE):
+            rows = shuffled[start : start + BATCH_SIZE]
             logits = net(train_x.index_select(0, rows))
-            loss = F.cross_entropy(logits, train_y.index_select(0, rows), label_smoothing=0.1)
+            loss = F.cross_entropy(logits, train_y.index_select(0, rows), label_smoothing=LABEL_SMOOTHING)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

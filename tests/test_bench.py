@@ -144,3 +144,33 @@ def test_the_startup_commands_name_modules_that_exist() -> None:
                 module, _, function = ast.unparse(call.func).rpartition(".")
                 assert hasattr(importlib.import_module(module), function), name
         assert all(importlib.util.find_spec(module) is not None for module in modules), name
+
+
+def test_the_plain_script_trains_the_default_runs_recipe() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from mnist_lit import plain_loop
+    from mnist_lit.config import register
+    from mnist_lit.data import DEFAULT_VAL_SIZE
+    from mnist_lit.module import DEFAULT_WEIGHT_DECAY
+    from tests.conftest import CONF_DIR
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train")
+    model, data = cfg.model, cfg.data
+    assert (model.optimizer, model.scheduler, model.activation) == ("adamw", "onecycle", "relu")
+    assert (model.dropout, model.input_dropout, model.batch_norm, model.noise, model.input_noise) == (0, 0, False, 0, 0)
+    assert all(model.augment[key] == 0 for key in ("max_shift", "max_rotation", "max_scale", "elastic_alpha"))
+    assert model.max_norm is None
+    assert tuple(model.hidden) == plain_loop.HIDDEN
+    assert (model.lr, model.label_smoothing) == (plain_loop.LR, plain_loop.LABEL_SMOOTHING)
+    weight_decay = DEFAULT_WEIGHT_DECAY["adamw"] if model.weight_decay is None else model.weight_decay
+    assert weight_decay == plain_loop.WEIGHT_DECAY
+    assert (data.batch_size, data.split_seed, cfg.seed) == (
+        plain_loop.BATCH_SIZE,
+        plain_loop.SPLIT_SEED,
+        plain_loop.SEED,
+    )
+    assert (DEFAULT_VAL_SIZE if data.val_size is None else data.val_size) == plain_loop.VAL_SIZE
+    assert cfg.trainer.max_epochs == plain_loop.EPOCHS
