@@ -3,9 +3,9 @@
 The same work as `python -m mnist_lit.train` with the defaults, without a framework: read and
 normalize MNIST, the train/validation split, the default recipe (the constants below: a ReLU MLP,
 AdamW, label smoothing, a OneCycle schedule), validation accuracy after every epoch, a checkpoint
-of the best, and the official test set on it. No config, logging,
-metrics library or resumability. It exits as the commands do (mnist_lit/speed.py
-`exit_without_collecting_garbage`), so whole runs compare the work, not the exit.
+of the best, and the official test set on it. No config, logging, metrics library or
+resumability. It exits as the commands do (mnist_lit/speed.py `exit_without_collecting_garbage`),
+so whole runs compare the work, not the exit.
 
     python -m mnist_lit.plain_loop --data ../shared/mnist --out /tmp/plain
 """
