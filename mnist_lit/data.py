@@ -135,9 +135,10 @@ def _download(root: Path, keys: list[str]) -> None:
         MNIST(str(root), train=True, download=True)
     except Exception as err:  # torchvision raises bare RuntimeError/URLError after trying its mirrors
         names = ", ".join(MNIST_FILES[key] for key in keys)
+        reason = " ".join(str(err).split())  # torchvision's message runs over several lines: the error is one
         raise DataError(
             f"MNIST is not in {root / 'MNIST' / 'raw'} (missing or unverified: {names}) and the "
-            f"download failed ({err}). Offline, put the four files (gzipped or not) in a folder and "
+            f"download failed ({reason}). Offline, put the four files (gzipped or not) in a folder and "
             "set MNIST_MIRROR=/that/folder or data.mirror=/that/folder."
         ) from None
 

@@ -8,13 +8,15 @@ The pieces, all here but the two states that live with what they describe:
 - `GracefulStop`: stops between two batches on a signal, after writing `last.ckpt`.
 - What a checkpoint carries beyond Lightning's own state:
   - `RESUME_STATE` (here): every rank's torch random number generator states (dropout,
-    augmentation, noise) and how far the epoch's training batches have got
-    (`TensorBatches.state_dict`, mnist_lit/data.py);
+    augmentation, noise), how far the epoch's training batches have got
+    (`TensorBatches.state_dict`, mnist_lit/data.py), and the run folder it was written in;
   - `PENDING_TRAIN_INPUTS` (mnist_lit/module.py): every rank's training-metric inputs of the epoch
     so far (`DeferredMetricInputs`, mnist_lit/speed.py);
   - `FIT_RECORD` (mnist_lit/run.py): the fit's metrics and seconds so far, for a run resumed after
     its last epoch's checkpoint, which has nothing left to fit.
 - `check_schedule_length`: a resumed run must plan the steps its learning-rate schedule was laid out for.
+- `relocate_run_paths`: a run folder moved or copied elsewhere finds its checkpoints where it is now;
+  `expand_resume` drops the recorded data folders this machine does not have.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
+import os
 import signal
 import threading
 import time
@@ -43,8 +47,13 @@ from mnist_lit.distributed import every_rank, own_rank
 from mnist_lit.errors import ConfigError, Interrupted
 from mnist_lit.module import planned_optimizer_steps
 
+log = logging.getLogger(__name__)
+
 # The checkpoint entry with what Lightning does not restore itself (see GracefulStop).
 RESUME_STATE = "mnist_lit_resume_state"
+# Overrides naming folders outside the run folder, on the machine that started it (data.root and
+# data.mirror): a run resumed elsewhere takes them from this command's config where they are gone.
+MACHINE_PATHS = ("data.root", "data.mirror")
 
 
 class GracefulStop(Callback):
@@ -88,10 +97,14 @@ class GracefulStop(Callback):
             # Each rank's own: the ranks draw alike only as long as their batches are alike.
             "rng": every_rank(rng),
             "train_batches": loader.state_dict() if hasattr(loader, "state_dict") else None,
+            # What the callbacks' paths (Lightning's absolute ones) are relative to: see relocate_run_paths.
+            "run_dir": os.path.realpath(self.ckpt_path.parent.parent),
         }
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.resume_state = checkpoint.get(RESUME_STATE)
+        # Before the callbacks load their states (Lightning calls load_state_dict after this hook).
+        relocate_run_paths(checkpoint, Path(trainer.ckpt_path), run_dir=self.ckpt_path.parent.parent)
         count_steps_of_automatic_optimization(checkpoint)
         check_schedule_length(trainer, pl_module, checkpoint)
 
@@ -143,6 +156,46 @@ class GracefulStop(Callback):
         if stop:
             trainer.save_checkpoint(self.ckpt_path, weights_only=False)
             raise Interrupted(self.received or signal.SIGTERM, trainer.global_step, self.ckpt_path)
+
+
+def relocate_run_paths(checkpoint: dict[str, Any], loaded: Path, run_dir: Path) -> None:
+    """Point the callbacks' paths inside the run folder that wrote `checkpoint` at the folder where
+    that run is now: `run_dir` (this run's) when `loaded` lies in it, as on resume=, else the folder
+    holding `loaded`'s checkpoints/ folder.
+
+    Lightning's ModelCheckpoint keeps absolute paths (its dirpath, the best and top-k checkpoints,
+    the last one). A run folder moved to another folder, name or machine would look for them where
+    they were: resume= would test a best checkpoint that is not there, or lose the top-k choice.
+    Checkpoints of mnist_lit 0.1 do not record their run folder: the parent of the recorded
+    `checkpoints/` folder is taken for it.
+    """
+    recorded = (checkpoint.get(RESUME_STATE) or {}).get("run_dir")
+    if recorded is None:
+        dirpaths = [
+            state.get("dirpath") for state in checkpoint.get("callbacks", {}).values() if isinstance(state, dict)
+        ]
+        recorded = next(
+            (os.path.dirname(path) for path in dirpaths if path and os.path.basename(path) == "checkpoints"), None
+        )
+    loaded, run_dir = Path(os.path.realpath(loaded)), Path(os.path.realpath(run_dir))
+    if run_dir in loaded.parents:
+        here = run_dir
+    elif loaded.parent.name == "checkpoints":
+        here = loaded.parent.parent
+    else:  # a checkpoint copied out on its own: where its run went is unknown
+        return
+    if recorded is None or Path(recorded) == here:
+        return
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, str) and (value == recorded or value.startswith(recorded + os.sep)):
+            return str(here / os.path.relpath(value, recorded))
+        if isinstance(value, dict):
+            return {moved(key): moved(item) for key, item in value.items()}
+        return value
+
+    checkpoint["callbacks"] = moved(checkpoint.get("callbacks", {}))
+    log.info(f"This run was written in {recorded}; its checkpoints are read from {here}")
 
 
 def count_steps_of_automatic_optimization(checkpoint: dict[str, Any]) -> None:
@@ -207,7 +260,12 @@ def expand_resume(args: list[str]) -> list[str]:
         raise ConfigError(
             f"resume={run}: {checkpoint} does not exist (the run stopped before it wrote one); start the run again."
         )
-    saved = [override for override in OmegaConf.load(overrides) if not override.startswith("ckpt_path=")]
+    given_keys = {arg.split("=", 1)[0].lstrip("+~") for arg in args}
+    saved = [
+        override
+        for override in OmegaConf.load(overrides)
+        if not override.startswith("ckpt_path=") and not machine_path_gone(override, given_keys)
+    ]
     return [
         *saved,
         *recorded_model_settings(run),
@@ -216,6 +274,26 @@ def expand_resume(args: list[str]) -> list[str]:
         f"hydra.output_subdir=.hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}",
         f"ckpt_path={quoted(checkpoint)}",
     ]
+
+
+def machine_path_gone(override: str, given_keys: set[str]) -> bool:
+    """Whether a recorded override of a folder outside the run (`MACHINE_PATHS`) names one this
+    machine does not have, and the command does not set the key: the run then takes it from this
+    command's config and environment (MNIST_MIRROR), and says so."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    key = override.split("=", 1)[0]
+    if key not in MACHINE_PATHS or key in given_keys:
+        return False
+    value = OverridesParser.create().parse_override(override).value()
+    if not isinstance(value, str) or os.path.exists(value):
+        return False
+    print(
+        f"resume: the run's {key}={value} does not exist here; using this command's {key} "
+        f"(its config and environment), or give one: {key}=<folder>",
+        flush=True,
+    )
+    return True
 
 
 def recorded_model_settings(run: Path) -> list[str]:

@@ -22,7 +22,7 @@ from mnist_lit.callbacks import EndsRunEarly, PopulationBatchNorm
 from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable
 from mnist_lit.config import arguments, build, check_arguments, to_plain
 from mnist_lit.data import MNISTDataModule
-from mnist_lit.errors import ConfigError, Interrupted, OutOfSpace, TrainingDiverged, refused
+from mnist_lit.errors import CheckpointError, ConfigError, Interrupted, OutOfSpace, TrainingDiverged, refused
 from mnist_lit.files import remove_stale_partials, replace_durably
 from mnist_lit.loggers import build_loggers, finish_loggers, log_hyperparameters
 from mnist_lit.module import MONITORABLE, MNISTClassifier, StepSettings
@@ -355,6 +355,12 @@ def _fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback]) -> dict[str, A
     metrics = record.metrics(trainer)  # the test replaces Lightning's record of the fit's metrics
     tested: dict[str, float] = {}
     if cfg.test:
+        if best_path and not Path(best_path).is_file():
+            last = output_dir / "checkpoints" / "last.ckpt"
+            raise CheckpointError(
+                f"this run's best checkpoint {best_path} is gone (deleted, or left behind when the run folder was "
+                f"copied), so it cannot be tested; test the last one instead: python -m mnist_lit.eval ckpt_path={last}"
+            )
         # Without validation there is no best checkpoint: test the final weights instead.
         try:
             trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False, weights_only=True)

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
+from torchvision.datasets import MNIST
 
-from mnist_lit.checkpoint import load_classifier
+from mnist_lit.checkpoint import load_classifier, read_checkpoint
 from mnist_lit.config import register
 from mnist_lit.eval import evaluate
 from mnist_lit.predict import predict
@@ -65,19 +67,66 @@ def test_predict_reads_an_old_checkpoint(tmp_path: Path) -> None:
     assert all(np.isclose(sum(prediction.probabilities), 1.0, atol=1e-5) for prediction in predictions)
 
 
-def test_resume_loads_an_old_run(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
-    run = tmp_path / "outputs" / "runs" / OLD_RUN.name
+# The folders on the machine that wrote the fixture, as its files record them.
+RECORDED_ELSEWHERE = [
+    Path(OLD_METRICS["ckpt_path"]).parents[1],  # the run folder: /tmp/oldrun/outputs/runs/<run>
+    Path("/tmp/oldrun/data"),
+    Path("/tmp/oldrun/mirror"),
+]
+
+
+def test_the_old_runs_recorded_folders_exist_nowhere_on_this_machine() -> None:
+    """The resume test below must find the run where it is now, never where it was written."""
+    recorded = OmegaConf.load(OLD_RUN / ".hydra" / "overrides.yaml")
+    assert {f"data.root={RECORDED_ELSEWHERE[1]}", f"data.mirror={RECORDED_ELSEWHERE[2]}"} <= set(recorded)
+    state = read_checkpoint(OLD_RUN / "checkpoints" / "last.ckpt")["callbacks"]
+    assert {Path(callback["dirpath"]) for callback in state.values() if "dirpath" in callback} == {
+        RECORDED_ELSEWHERE[0] / "checkpoints"
+    }
+    assert [path for path in RECORDED_ELSEWHERE if path.exists()] == []
+
+
+def test_resume_loads_an_old_run_from_where_it_is_now(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    test_the_old_runs_recorded_folders_exist_nowhere_on_this_machine()
+    run = tmp_path / "outputs" / "runs" / "copied_from_another_machine"
     shutil.copytree(OLD_RUN, run)
-    # The old run read its data from /tmp/oldrun: point the resumed run at this machine's copy.
-    data = [f"data.root={tmp_path / 'data'}", f"data.mirror={synthetic_mnist.mirror}"]
-    # It had finished: resuming restores every state (weights, optimizer, schedule, callbacks) and tests again.
-    result = run_in_process("mnist_lit.train", f"resume={run}", *data, cwd=tmp_path)
+    mirror = f"data.mirror={synthetic_mnist.mirror}"
+    best = run / "checkpoints" / Path(OLD_METRICS["ckpt_path"]).name
+
+    # The fixture never held the best checkpoint the run tested: resuming says so, and how to go on.
+    result = run_in_process("mnist_lit.train", f"resume={run}", mirror, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: this run's best checkpoint {best} is gone (deleted, or left behind when the run folder was copied), "
+        "so it cannot be tested; test the last one instead: "
+        f"python -m mnist_lit.eval ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    )
+
+    # One epoch: the best checkpoint holds last.ckpt's weights. With it where the run is now, resuming
+    # the finished run restores every state (weights, optimizer, schedule, callbacks) and tests it again.
+    shutil.copy(run / "checkpoints" / "last.ckpt", best)
+    result = run_in_process("mnist_lit.train", f"resume={run}", mirror, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    # The recorded data.root is not on this machine: the config's own (data/ under this folder) serves.
+    assert "resume: the run's data.root=/tmp/oldrun/data does not exist here" in result.stdout
+    assert (tmp_path / "data" / "MNIST" / "raw").is_dir()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["global_step"] == OLD_METRICS["global_step"]
+    assert metrics["ckpt_path"] == str(best)
     assert metrics["test/loss"] == pytest.approx(OLD_METRICS["test/loss"], abs=1e-6)
     # Its OneCycle schedule was laid out over 1 epoch, so it cannot simply train longer.
-    result = run_in_process("mnist_lit.train", f"resume={run}", "trainer.max_epochs=2", *data, cwd=tmp_path)
+    result = run_in_process("mnist_lit.train", f"resume={run}", "trainer.max_epochs=2", mirror, cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error: this run plans 20 optimizer steps, but its checkpoint's model.scheduler=onecycle" in result.stderr
     assert "Traceback" not in result.stderr
+
+    # Neither the recorded mirror nor one here (MNIST_MIRROR unset, no network): one line naming what to set.
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])  # a closed port fails at once, as offline
+    shutil.rmtree(tmp_path / "data")
+    result = run_in_process("mnist_lit.train", f"resume={run}", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "resume: the run's data.mirror=/tmp/oldrun/mirror does not exist here" in result.stdout
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "set MNIST_MIRROR=/that/folder or data.mirror=/that/folder" in error
