@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
         report = run(args)
         print_report(report)
         if args.json is not None:
-            from mnist_lit.run import write_json_atomically
+            from mnist_lit.files import write_json_atomically
 
             args.json.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomically(args.json, report)

@@ -23,6 +23,7 @@ import secrets
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -187,6 +188,9 @@ class TrainConfig:
     compile: bool = False
     # torch.compile's mode: "reduce-overhead" replays each step as CUDA graphs (GPU only).
     compile_mode: str = "default"
+    # A wall-clock limit in minutes: past it, training stops between two batches with a checkpoint
+    # and metrics.json says "timed_out" (resume= goes on). Per job in a sweep. null: none.
+    timeout_min: float | None = None
 
 
 @dataclass
@@ -286,3 +290,8 @@ def require(cfg: DictConfig, key: str, example: str) -> None:
     """A mandatory key (`???` in the config) that the user left out: say so, with an example."""
     if OmegaConf.is_missing(cfg, key):
         raise ConfigError(f"{key} is required, e.g. {example}")
+
+
+def quoted(value: str | Path) -> str:
+    """A path or string as a quoted Hydra override value, whatever characters it holds."""
+    return "'" + str(value).replace("'", "\\'") + "'"

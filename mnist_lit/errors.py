@@ -97,10 +97,25 @@ class Interrupted(Exception):
         )
 
 
+class TimedOut(Exception):
+    """Training ran past the run's `timeout_min` and stopped after writing a checkpoint that resumes it."""
+
+    # The exit status of timeout(1), for a run stopped by its own wall-clock limit.
+    EXIT_CODE = 124
+
+    def __init__(self, minutes: float, step: int, ckpt_path: Path) -> None:
+        self.ckpt_path = ckpt_path
+        super().__init__(
+            f"training ran past timeout_min={minutes:g} and stopped after step {step}; the run can go on: "
+            f"python -m mnist_lit.train resume={ckpt_path.parent.parent}"
+        )
+
+
 @contextmanager
 def reported_as_exit() -> Iterator[None]:
-    """Turn project errors into a one-line message and exit code 2 instead of a traceback, and a
-    stop on a signal into the shell's exit code for it (130 for Ctrl-C, 143 for SIGTERM)."""
+    """Turn project errors into a one-line message and exit code 2 instead of a traceback, a stop
+    on a signal into the shell's exit code for it (130 for Ctrl-C, 143 for SIGTERM), and a run past
+    its timeout_min into timeout(1)'s 124."""
     try:
         yield
     except MnistLitError as err:
@@ -109,6 +124,9 @@ def reported_as_exit() -> Iterator[None]:
     except Interrupted as stop:
         print(f"interrupted: {stop}", file=sys.stderr, flush=True)
         raise SystemExit(128 + stop.signal) from None
+    except TimedOut as stop:
+        print(f"timed out: {stop}", file=sys.stderr, flush=True)
+        raise SystemExit(TimedOut.EXIT_CODE) from None
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGINT) from None

@@ -13,7 +13,8 @@ from mnist_lit.checkpoint import load_classifier
 from mnist_lit.config import arguments, register, require
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import reported_as_exit
-from mnist_lit.run import final_metrics, trainer_arguments, write_json_atomically
+from mnist_lit.files import write_json_atomically
+from mnist_lit.run import final_metrics, trainer_arguments
 from mnist_lit.speed import exit_without_collecting_garbage
 from mnist_lit.startup import prepare_process
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from mnist_lit.errors import ConfigError, OutOfSpace
 
@@ -132,3 +134,9 @@ def write_atomically(path: Path, data: bytes, key: str) -> None:
             partial.write_bytes(data)
     except OSError as err:
         raise ConfigError(f"{key}: cannot write {path} ({err.strerror or err}); choose a writable path.") from None
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """`payload` as indented JSON with sorted keys, replacing `path` durably (`replace_durably`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # a fast_dev_run writes nothing else into the run folder
+    replace_durably(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())

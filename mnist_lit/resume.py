@@ -4,7 +4,7 @@ ends with the numbers of a run that never stopped.
 The pieces, all here but the two states that live with what they describe:
 - `resume=<run folder>` on the command line (`expand_resume`, called by mnist_lit/train.py before
   Hydra sees the arguments): the run's own overrides, folder and `checkpoints/last.ckpt`;
-  `resume=latest` picks the run (`latest_unfinished_run`).
+  `resume=latest` picks the run or sweep (`latest_unfinished`); a sweep folder continues the sweep (`continued_sweep`).
 - `GracefulStop`: stops between two batches on a signal, after writing `last.ckpt`.
 - What a checkpoint carries beyond Lightning's own state:
   - `RESUME_STATE` (here): every rank's torch random number generator states (dropout,
@@ -42,9 +42,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mnist_lit.callbacks import CHECK_EVERY_N_STEPS
-from mnist_lit.config import PathsConfig
+from mnist_lit.config import PathsConfig, quoted
 from mnist_lit.distributed import every_rank, own_rank
-from mnist_lit.errors import ConfigError, Interrupted
+from mnist_lit.errors import ConfigError, Interrupted, TimedOut
 from mnist_lit.module import planned_optimizer_steps
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ MACHINE_PATHS = ("data.root", "data.mirror")
 class GracefulStop(Callback):
     """Ctrl-C (SIGINT) or SIGTERM stops training between two batches, after writing `ckpt_path`,
     a checkpoint that continues exactly where training stopped; a second Ctrl-C stops at once.
+    So does the run's `timeout_min`, checked between training batches (`TimedOut`).
 
     The stop never follows an epoch's last batch: that epoch's validation and checkpoint come
     first, and training stops after the next batch. Every checkpoint of the run also carries
@@ -68,8 +69,12 @@ class GracefulStop(Callback):
     `estimated_stepping_batches`, as ours does: that builds the loader before the state is loaded.)
     """
 
-    def __init__(self, ckpt_path: Path) -> None:
+    def __init__(self, ckpt_path: Path, timeout_min: float | None = None) -> None:
         self.ckpt_path = ckpt_path
+        # The run's wall-clock limit (`timeout_min`), counted from here: the Trainer is built before
+        # any data is read. Past it, training stops as on a signal, with TimedOut.
+        self.timeout_min = timeout_min
+        self.deadline = None if timeout_min is None else time.monotonic() + 60 * timeout_min
         self.received: int | None = None
         self.previous_handlers: dict[int, Any] = {}
         self.resume_state: dict[str, Any] | None = None
@@ -144,17 +149,20 @@ class GracefulStop(Callback):
         # (trainer.accumulate_grad_batches) are in no checkpoint.
         if getattr(pl_module, "gradients_pending", False):
             return
+        late = self.deadline is not None and time.monotonic() > self.deadline
         if trainer.world_size > 1:
             # Every rank sees the same steps, so all take part in the same checks.
             if trainer.global_step - self.checked_at_step < CHECK_EVERY_N_STEPS:
                 return
             self.checked_at_step = trainer.global_step
             # A signal may reach one rank only (kill <pid>); all ranks must stop at the same step.
-            stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+            stop = trainer.strategy.reduce_boolean_decision(self.received is not None or late, all=False)
         else:
-            stop = self.received is not None
+            stop = self.received is not None or late
         if stop:
             trainer.save_checkpoint(self.ckpt_path, weights_only=False)
+            if late and self.received is None:
+                raise TimedOut(self.timeout_min, trainer.global_step, self.ckpt_path)
             raise Interrupted(self.received or signal.SIGTERM, trainer.global_step, self.ckpt_path)
 
 
@@ -244,12 +252,16 @@ def expand_resume(args: list[str]) -> list[str]:
     given = [arg for arg in args if arg.startswith("resume=")]
     if not given:
         return args
-    if {"-m", "--multirun"} & set(args):
-        raise ConfigError("resume= continues one run; it cannot be combined with -m/--multirun.")
     run = Path(given[-1].removeprefix("resume="))
     if str(run) == "latest":
         roots = [arg.removeprefix("paths.output_root=") for arg in args if arg.startswith("paths.output_root=")]
-        run = latest_unfinished_run(Path(roots[-1] if roots else PathsConfig.output_root) / "runs")
+        run = latest_unfinished(Path(roots[-1] if roots else PathsConfig.output_root))
+    if (run / "multirun.yaml").is_file():
+        return continued_sweep(run, [arg for arg in args if arg not in ("-m", "--multirun")])
+    if {"-m", "--multirun"} & set(args):
+        raise ConfigError(
+            f"resume={run} is a run folder, which resume= continues alone; -m/--multirun goes with a sweep folder."
+        )
     overrides, checkpoint = run / ".hydra" / "overrides.yaml", run / "checkpoints" / "last.ckpt"
     if not overrides.is_file():
         raise ConfigError(
@@ -331,11 +343,66 @@ def override_value(value: Any) -> str:
     return repr(value)
 
 
-def latest_unfinished_run(runs: Path) -> Path:
-    """The run folder under `runs` whose `checkpoints/last.ckpt` was written last, among those that
-    did not finish: no metrics.json (killed, crashed, or still running) or status "interrupted".
-    (Completed, diverged and pruned runs are done: a diverged run would diverge again.) Says which
-    run it picked, and why it qualifies."""
+def continued_sweep(sweep: Path, args: list[str]) -> list[str]:
+    """`resume=<sweep folder>` as the sweep's own command line, into its folder: its sweeper keeps the
+    done jobs, resumes the unfinished ones and starts those never started (mnist_lit/sweep.py)."""
+    try:
+        recorded = OmegaConf.load(sweep / "multirun.yaml").hydra.overrides
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as error:
+        raise ConfigError(
+            f"resume={sweep}: its multirun.yaml is unreadable ({error}); start the sweep again."
+        ) from None
+    hydra_overrides = [o for o in recorded.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
+    given_keys = {arg.split("=", 1)[0] for arg in args}
+    task = [o for o in recorded.task if not machine_path_gone(o, given_keys)]
+    return [
+        "--multirun",
+        *task,
+        *hydra_overrides,
+        *(arg for arg in args if not arg.startswith("resume=")),
+        f"hydra.sweep.dir={quoted(sweep)}",
+    ]
+
+
+def latest_unfinished(output_root: Path) -> Path:
+    """The run or sweep under `output_root` that did not finish and wrote a checkpoint last (a sweep
+    without one counts from its start). Says which it picked, and why it qualifies."""
+    candidates = [*unfinished_runs(output_root / "runs"), *unfinished_sweeps(output_root / "multiruns")]
+    if not candidates:
+        raise ConfigError(
+            f"resume=latest: no run under {output_root / 'runs'} has a checkpoints/last.ckpt and is unfinished "
+            f"(completed, diverged and pruned runs are done), and every sweep under {output_root / 'multiruns'} "
+            "finished; give the folder instead: resume=outputs/runs/<run>."
+        )
+    written, found, state = max(candidates)
+    print(
+        f"resume=latest: continuing {found} ({state}; last written "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(written))})",
+        flush=True,
+    )
+    return found
+
+
+def unfinished_sweeps(multiruns: Path) -> list[tuple[float, Path, str]]:
+    """The sweeps under `multiruns` whose sweep.json does not say they finished (stopped by a signal,
+    killed), each with when it last wrote a checkpoint (or began) and why it qualifies."""
+    from mnist_lit.sweep import read_state
+
+    found = []
+    for sweep in (path.parent for path in multiruns.glob("*/multirun.yaml")):
+        status = read_state(sweep)
+        if status == "finished":
+            continue
+        written = [path.stat().st_mtime for path in sweep.glob("*/checkpoints/last.ckpt")]
+        state = "a sweep interrupted" if status == "interrupted" else "a sweep killed before its end (or still running)"
+        found.append((max(written, default=(sweep / "multirun.yaml").stat().st_mtime), sweep, state))
+    return found
+
+
+def unfinished_runs(runs: Path) -> list[tuple[float, Path, str]]:
+    """The runs under `runs` with a `checkpoints/last.ckpt` that did not finish: no metrics.json
+    (killed, crashed, or still running) or status "interrupted". (Completed, diverged and pruned
+    runs are done: a diverged run would diverge again.) Each with when it wrote last.ckpt and why it qualifies."""
     candidates: list[tuple[float, Path, str]] = []
     for checkpoint in runs.glob("*/checkpoints/last.ckpt"):
         run = checkpoint.parent.parent
@@ -351,20 +418,4 @@ def latest_unfinished_run(runs: Path) -> Path:
                 continue
             state = f"interrupted by {record.get('signal', 'a signal')}"
         candidates.append((checkpoint.stat().st_mtime, run, state))
-    if not candidates:
-        raise ConfigError(
-            f"resume=latest: no run under {runs} has a checkpoints/last.ckpt and is unfinished (completed, diverged "
-            "and pruned runs are done); give the run folder instead: resume=outputs/runs/<run>."
-        )
-    written, run, state = max(candidates)
-    print(
-        f"resume=latest: continuing {run} ({state}; last.ckpt written "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(written))})",
-        flush=True,
-    )
-    return run
-
-
-def quoted(value: str | Path) -> str:
-    """A path or string as a quoted Hydra override value, whatever characters it holds."""
-    return "'" + str(value).replace("'", "\\'") + "'"
+    return candidates

@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_lit.config import register
-from mnist_lit.errors import MnistLitError, reported_as_exit
+from mnist_lit.errors import Interrupted, MnistLitError, reported_as_exit
 from mnist_lit.files import remove_unused_run_folder
 
 register()
@@ -25,15 +27,25 @@ def main(cfg: DictConfig) -> float | None:
     from mnist_lit.search import OBJECTIVE
     from mnist_lit.search.pruning import trial_pruning
     from mnist_lit.startup import prepare_process
+    from mnist_lit.sweep import record_failed_job
 
     prepare_process()
     output_dir = Path(cfg.paths.output_dir)
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     with reported_as_exit(), distributed_job():
         print_config_tree(cfg, output_dir)
         try:
             metrics = fit_and_test(cfg, callbacks=trial_pruning())
-        except MnistLitError:
-            remove_unused_run_folder(output_dir)
+        except Interrupted:  # a signal ends a sweep too: resume=<sweep folder> goes on
+            raise
+        except Exception as error:
+            # A sweep goes on past a job that fails: its metrics.json says why, and the sweeper's
+            # table at the end lists it (mnist_lit/sweep.py). A single run ends here.
+            if in_sweep:
+                record_failed_job(output_dir, error)
+                return None
+            if isinstance(error, MnistLitError):
+                remove_unused_run_folder(output_dir)
             raise
     # Sweepers (e.g. Optuna) optimize what the task returns: a validation metric, never a test one.
     return metrics.get(OBJECTIVE)

@@ -181,7 +181,7 @@ def test_resume_latest_picks_the_run_whose_last_checkpoint_is_newest_among_the_u
 
     (killed / "metrics.json").write_text(json.dumps({"status": "completed"}))
     assert f"hydra.run.dir='{interrupted}'" in expand_resume(["resume=latest", root])
-    assert f"continuing {interrupted} (interrupted by SIGTERM; last.ckpt written " in capsys.readouterr().out
+    assert f"continuing {interrupted} (interrupted by SIGTERM; last written " in capsys.readouterr().out
 
 
 def test_resume_latest_says_so_when_no_run_qualifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,7 +191,8 @@ def test_resume_latest_says_so_when_no_run_qualifies(tmp_path: Path, monkeypatch
         expand_resume(["resume=latest"])
     assert str(error.value) == (
         "resume=latest: no run under outputs/runs has a checkpoints/last.ckpt and is unfinished (completed, diverged "
-        "and pruned runs are done); give the run folder instead: resume=outputs/runs/<run>."
+        "and pruned runs are done), and every sweep under outputs/multiruns finished; give the folder instead: "
+        "resume=outputs/runs/<run>."
     )
 
 

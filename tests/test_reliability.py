@@ -35,7 +35,7 @@ from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable, load_class
 from mnist_lit.config import register
 from mnist_lit.data import EpochShuffle, TensorBatches, ensure_mnist
 from mnist_lit.errors import CheckpointError, ConfigError, DataError, OutOfSpace, TrainingDiverged
-from mnist_lit.files import remove_stale_partials, remove_unused_run_folder
+from mnist_lit.files import remove_stale_partials, remove_unused_run_folder, write_json_atomically
 from mnist_lit.mnist import MNIST_FILES
 from mnist_lit.module import MNISTClassifier
 from mnist_lit.preflight import check_writable
@@ -403,10 +403,10 @@ def test_a_metrics_json_write_that_runs_out_of_space_leaves_the_previous_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "metrics.json"
-    experiment.write_json_atomically(path, {"status": "interrupted"})
+    write_json_atomically(path, {"status": "interrupted"})
     monkeypatch.setattr(os, "fsync", _no_space)
     with pytest.raises(OutOfSpace, match=rf"no room to write metrics.json in {tmp_path}: it needs 28 B, "):
-        experiment.write_json_atomically(path, {"status": "completed"})
+        write_json_atomically(path, {"status": "completed"})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"status": "interrupted"}
     assert list(tmp_path.iterdir()) == [path]
@@ -839,7 +839,7 @@ def test_a_read_only_output_folder_is_refused(tmp_path: Path) -> None:
     [
         (lambda root: [f"resume={root}"], "not a run folder"),
         (lambda root: [f"resume={root / 'run'}"], "last.ckpt does not exist"),
-        (lambda root: ["-m", f"resume={root / 'run'}"], "cannot be combined with -m"),
+        (lambda root: ["-m", f"resume={root / 'run'}"], "is a run folder, which resume= continues alone"),
     ],
     ids=["not-a-run", "no-checkpoint", "multirun"],
 )

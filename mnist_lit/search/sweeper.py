@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +16,23 @@ from typing import TYPE_CHECKING, Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from mnist_lit.config import quoted
 from mnist_lit.errors import ConfigError, reported_as_exit
 from mnist_lit.search import OBJECTIVE
+from mnist_lit.sweep import (
+    JobOutcome,
+    consecutive,
+    job_status,
+    record_uncaught,
+    report_incomplete,
+    say_how_to_continue,
+    write_state,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -49,9 +60,12 @@ class OptunaSweeperConf:
     sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": 0})
     pruner: Any = None  # e.g. {_target_: optuna.pruners.MedianPruner}; null: every trial runs to the end
     monitor: str = "val/acc"  # what each job reports to the pruner after every validation
-    # The fraction of this launch's trials that may fail before the search stops. Failed trials are
-    # not counted in n_trials.
-    max_failure_rate: float = 0.0
+    # The search stops once more than this fraction of n_trials have failed (diverged, refused, out of
+    # memory, raised). Failed trials are not counted in n_trials. A diverged trial is an ordinary
+    # outcome of a learning-rate search; a search whose trials mostly fail stops.
+    max_failure_rate: float = 0.5
+    # When a search goes on (resume=<sweep folder>): run the parameters of its failed trials again, once.
+    retry_failed: bool = False
     # Search space, in Hydra's override grammar: choice(...), interval(lo, hi), tag(log, interval(...)),
     # range(start, stop, step). Sweep overrides given on the command line are added to it.
     params: dict[str, str] = field(default_factory=dict)
@@ -124,6 +138,7 @@ class OptunaSweeper(Sweeper):
         monitor: str,  # read by the jobs (trial_pruning)
         max_failure_rate: float,
         params: DictConfig,
+        retry_failed: bool = False,
         trial: int | None = None,  # set in the jobs' configs only
     ) -> None:
         self.direction = direction
@@ -134,6 +149,7 @@ class OptunaSweeper(Sweeper):
         self.sampler = sampler
         self.pruner = pruner
         self.max_failure_rate = max_failure_rate
+        self.retry_failed = retry_failed
         self.params = {str(key): str(value) for key, value in params.items()}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -179,89 +195,119 @@ class OptunaSweeper(Sweeper):
         self._check(space)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)  # the SQLite file goes there before any job runs
+        if not (sweep_dir / "multirun.yaml").is_file():  # what resume=<sweep folder> reads the command from
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
         study = optuna.create_study(
             study_name=self.study_name, storage=self.storage, direction=self.direction, load_if_exists=True
         )
-        fail_interrupted_trials(study)
+        unfinished = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if self.retry_failed:
+            retry_failed_trials(study)
         finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
         sampler = OmegaConf.to_container(self.sampler, resolve=True)
         seed = sampler.pop("seed", None)  # type: ignore[union-attr]
         study.sampler = instantiate(sampler, seed=None if seed is None else seed + len(study.trials))
-        missing = max(self.n_trials - finished, 0)
+        missing = max(self.n_trials - finished - len(unfinished), 0)
         log.info(f"Objective: {self.direction} {OBJECTIVE}, what mnist_lit.train returns (never a test metric).")
         log.info(
             f"Study {self.study_name!r} in {self.storage}: {finished} of {self.n_trials} trials finished, "
-            f"{missing} to run. Resume with hydra.sweep.dir={sweep_dir}"
+            + (f"{len(unfinished)} left running go on from their last.ckpt, " if unfinished else "")
+            + f"{missing} to run. Resume with resume={sweep_dir}"
         )
-
-        launched = failures = 0
-        first_error: Exception | None = None
-        while launched < missing:
-            trials = [study.ask(space) for _ in range(min(self.n_jobs, missing - launched))]
-            numbers = [trial.number for trial in trials]
-            if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
-                raise RuntimeError(
-                    f"trials {numbers} of study {self.study_name!r} are not consecutive: "
-                    "another process is adding trials to it. Give each sweep its own study."
-                )
-            overrides = [
-                [
-                    *fixed,
-                    *(f"{name}={value}" for name, value in trial.params.items()),
-                    f"hydra.sweeper.trial={trial.number}",
-                ]
-                for trial in trials
-            ]
-            # Job folder N is trial N, so a resumed search never overwrites the folders of earlier trials.
-            returns = self.launcher.launch(overrides, initial_job_idx=numbers[0])
-            for trial, job in zip(trials, returns, strict=True):
-                error = tell(study, trial, job)
-                if error is not None:
-                    failures += 1
-                    first_error = first_error or error
-            launched += len(trials)
-            if first_error is not None and failures > self.max_failure_rate * launched:
-                log.error(
-                    f"{failures} of {launched} trials failed (hydra.sweeper.max_failure_rate={self.max_failure_rate})"
-                )
-                raise first_error  # with the job's traceback
+        write_state(sweep_dir, "running", jobs=self.n_trials)
+        # Too many failures stop the search: more than max_failure_rate of n_trials, those of earlier launches included.
+        allowed_failures = self.max_failure_rate * self.n_trials
+        try:
+            # Trials an interrupted sweep left running go on in their folders, from their last.ckpt.
+            for group in consecutive([(trial.number, trial) for trial in unfinished], self.n_jobs):
+                self._launch(study, sweep_dir, [trial for _, trial in group], fixed)
+            launched = 0
+            while launched < missing:
+                failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+                if failed > allowed_failures:
+                    break
+                trials = [study.ask(space) for _ in range(min(self.n_jobs, missing - launched))]
+                numbers = [trial.number for trial in trials]
+                if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+                    raise RuntimeError(
+                        f"trials {numbers} of study {self.study_name!r} are not consecutive: "
+                        "another process is adding trials to it. Give each sweep its own study."
+                    )
+                self._launch(study, sweep_dir, trials, fixed)
+                launched += len(trials)
+        except BaseException:  # a signal that stopped a trial, Ctrl-C between trials, a launcher's failure
+            say_how_to_continue(sweep_dir)
+            raise
 
         save_results(study, sweep_dir / "optimization_results.yaml")
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if len(failed) > allowed_failures:
+            log.error(
+                f"{len(failed)} trials failed, more than hydra.sweeper.max_failure_rate={self.max_failure_rate} of "
+                f"n_trials={self.n_trials}: the search stopped"
+            )
+        outcomes = [
+            JobOutcome(trial.number, trial_overrides(trial), *job_status(sweep_dir / str(trial.number)))
+            for trial in study.get_trials(deepcopy=False)
+            if (sweep_dir / str(trial.number)).is_dir()
+        ]
+        report_incomplete(sweep_dir, outcomes, what="trial")
+
+    def _launch(self, study: optuna.Study, sweep_dir: Path, trials: Sequence[Any], fixed: list[str]) -> None:
+        """Run `trials` as jobs, job folder N for trial N (a trial left running goes on from its
+        last.ckpt there), and tell the study what each returned."""
+        overrides = []
+        for trial in trials:
+            job = [*fixed, *trial_overrides(trial), f"hydra.sweeper.trial={trial.number}"]
+            last = sweep_dir / str(trial.number) / "checkpoints" / "last.ckpt"
+            if last.is_file():
+                stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+                job += [f"ckpt_path={quoted(last)}", f"hydra.output_subdir=.hydra/resumed_{stamp}"]
+            overrides.append(job)
+        # Job folder N is trial N, so a resumed search never overwrites the folders of earlier trials.
+        returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
+        for trial, job in zip(trials, returns, strict=True):
+            folder = sweep_dir / str(trial.number)
+            record_uncaught(folder, job)
+            tell(study, trial.number, job, folder)
 
 
-def fail_interrupted_trials(study: optuna.Study) -> None:
-    """Mark failed the trials an interrupted sweep left running, so they count as neither done nor pending.
+def trial_overrides(trial: Any) -> list[str]:
+    """A trial's parameters as overrides (a FrozenTrial's or an asked Trial's)."""
+    return [f"{name}={value}" for name, value in trial.params.items()]
 
-    Assumes one sweep per study: trials another live process is running would be marked failed too.
-    """
+
+def retry_failed_trials(study: optuna.Study) -> None:
+    """Queue the parameters of every failed trial not yet retried, as new trials that say which they retry."""
     from optuna.trial import TrialState
 
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        log.warning(f"Trial {trial.number} was left running by an interrupted sweep: marked failed")
-        study.tell(trial.number, state=TrialState.FAIL)
+    retried = {trial.user_attrs.get("retry_of") for trial in study.get_trials(deepcopy=False)}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if trial.number not in retried:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            log.info(f"Trial {trial.number} failed: its parameters run again ({' '.join(trial_overrides(trial))})")
 
 
-def tell(study: optuna.Study, trial: optuna.trial.Trial, job: JobReturn) -> Exception | None:
-    """Record the job's outcome in the study. Returns why the trial failed, or None if it did not."""
+def tell(study: optuna.Study, number: int, job: JobReturn, folder: Path) -> None:
+    """Record the job's outcome in the study: its value, or FAIL with the reason its metrics.json gives."""
     from optuna.trial import TrialState
 
-    described = " ".join(f"{name}={value}" for name, value in trial.params.items())
-    state = study.get_trials(deepcopy=False)[trial.number].state
-    if state == TrialState.PRUNED:  # the job's pruning callback has already told the study
-        log.info(f"Trial {trial.number} pruned: {described}")
-        return None
-    try:
-        value = job.return_value  # raises what the job raised
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"the job returned {value!r}, not a finite number")
-    except Exception as error:
-        log.warning(f"Trial {trial.number} failed ({type(error).__name__}: {error}): {described}")
-        study.tell(trial, state=TrialState.FAIL)
-        return error
-    study.tell(trial, float(value))
-    log.info(f"Trial {trial.number}: {value:.4f}  {described}")
-    return None
+    trial = study.get_trials(deepcopy=False)[number]
+    described = " ".join(trial_overrides(trial))
+    if trial.state == TrialState.PRUNED:  # the job's pruning callback has already told the study
+        log.info(f"Trial {number} pruned: {described}")
+        return
+    value = job.return_value if job.status == JobStatus.COMPLETED else None
+    if isinstance(value, int | float) and math.isfinite(value):
+        study.tell(number, float(value))
+        log.info(f"Trial {number}: {value:.4f}  {described}")
+        return
+    status, reason = job_status(folder)
+    if status == "completed":
+        reason = f"the job returned {value!r}, not a finite number"
+    log.warning(f"Trial {number} failed ({status}: {reason}): {described}")
+    study.tell(number, state=TrialState.FAIL)
 
 
 def save_results(study: optuna.Study, path: Path) -> None:
