@@ -1,5 +1,5 @@
 """A run's loggers, `logger.*` (conf/logger/): built from their `_target_` entries, given the
-run's hyperparameters, and closed when the run ends.
+run's hyperparameters and its provenance record (mnist_lit/provenance.py), and closed when the run ends.
 
 Before building an entry it checks the optional package the logger needs (`pip install -e
 ".[mlflow]"`) and creates MLflow's SQLite store once; when the run ends, however it ends, it closes
@@ -9,11 +9,13 @@ the W&B run, which Lightning leaves open.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig
 
 from mnist_lit.config import arguments, build, to_plain
@@ -121,3 +123,39 @@ def log_hyperparameters(loggers: dict[str, Logger], cfg: DictConfig) -> None:
             if type(err).__name__ == "UsageError" and "wandb" in type(err).__module__:
                 raise ConfigError(f"{key}: {err} Or run without an account: WANDB_MODE=offline.") from None
             raise
+
+
+# MLflow refuses a tag value longer than this (mlflow 3's MAX_TAG_VAL_LENGTH).
+MLFLOW_TAG_LENGTH = 8000
+
+
+def provenance_tags(record: dict[str, Any]) -> dict[str, str]:
+    """The provenance record as flat `provenance.<key>` strings, for trackers that take text tags:
+    one level of nesting as dotted keys (`provenance.versions.torch`), lists and deeper values as JSON."""
+    tags: dict[str, str] = {}
+    for key, value in record.items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for inner, item in items:
+            name = f"provenance.{key}" if inner is None else f"provenance.{key}.{inner}"
+            text = item if isinstance(item, str) else json.dumps(item)
+            tags[name] = text[:MLFLOW_TAG_LENGTH]
+    return tags
+
+
+def log_provenance(loggers: Iterable[Logger], record: dict[str, Any]) -> None:
+    """Give the trackers the run's provenance record (on global rank 0 only), where each shows it
+    beside the run: MLflow as tags, W&B in the run's config under "provenance", TensorBoard as text
+    (TEXT tab, "provenance"). The CSV logger's folder lies inside the run folder, beside the record itself."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            # Indented: Markdown, which the TEXT tab renders, shows it as code, line for line.
+            text = "\n".join(f"    {line}" for line in json.dumps(record, indent=2, sort_keys=True).splitlines())
+            logger.experiment.add_text("provenance", text)
+        elif isinstance(logger, MLFlowLogger):
+            from mlflow.entities import RunTag
+
+            tags = [RunTag(key, value) for key, value in provenance_tags(record).items()]
+            for start in range(0, len(tags), 100):  # MLflow takes at most 100 tags in a call
+                logger.experiment.log_batch(logger.run_id, tags=tags[start : start + 100])
+        elif isinstance(logger, WandbLogger):
+            logger.experiment.config.update({"provenance": record}, allow_val_change=True)

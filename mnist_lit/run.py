@@ -24,8 +24,9 @@ from mnist_lit.config import arguments, build, check_arguments, to_plain
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import CheckpointError, ConfigError, Interrupted, OutOfSpace, TrainingDiverged, refused
 from mnist_lit.files import remove_stale_partials, replace_durably
-from mnist_lit.loggers import build_loggers, finish_loggers, log_hyperparameters
+from mnist_lit.loggers import build_loggers, finish_loggers, log_hyperparameters, log_provenance
 from mnist_lit.module import MONITORABLE, MNISTClassifier, StepSettings
+from mnist_lit.provenance import write_provenance
 from mnist_lit.resume import GracefulStop
 from mnist_lit.speed import native_bf16
 
@@ -331,6 +332,7 @@ def _fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback]) -> dict[str, A
         # trainer.loggers are the configured ones, in their order (a fast_dev_run's: a dummy).
         keys = [f"logger.{name}" for name, node in cfg.logger.items() if node is not None]
         log_hyperparameters(dict(zip(keys, trainer.loggers, strict=False)), cfg)
+        log_provenance(trainer.loggers, write_provenance(output_dir, trainer.strategy.root_device))
         for folder in {output_dir, *(Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath)}:
             remove_stale_partials(folder)  # of a process of this run that was killed while writing
     try:
