@@ -219,3 +219,26 @@ def write_provenance(
         replace_durably(run_dir / DIFF, diff.encode())
     replace_durably(run_dir / RECORD, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return record
+
+
+def describe(record: dict[str, Any] | None) -> str:
+    """The code a process ran, in a few words: `abc1234`, `abc1234 dirty 6af1ba` (the diff's hash:
+    two dirty trees of one commit differ where their diffs do), `mnist_lit 0.1.dev3+gabc1234` (an
+    installed copy, outside git), or `unknown` (no record, or neither git nor a version)."""
+    record = record or {}
+    commit = record.get("commit")
+    if isinstance(commit, str) and commit:
+        if not record.get("dirty"):
+            return commit[:7]
+        return f"{commit[:7]} dirty {record['diff_sha256'][:6]}" if record.get("diff_sha256") else f"{commit[:7]} dirty"
+    installed = record.get("versions", {}).get("mnist_lit")
+    if isinstance(installed, str) and not installed.startswith("unknown"):
+        return f"mnist_lit {installed}"
+    return "unknown"
+
+
+def records(record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A run's record and those of its earlier processes (a resumed run), oldest first; none without one."""
+    if record is None:
+        return []
+    return [*record.get("earlier", []), {key: value for key, value in record.items() if key != "earlier"}]

@@ -9,6 +9,8 @@ did not complete are listed with their state:
 - "failed": no metrics.json, and the run's log shows an error,
 - "unfinished": no metrics.json and no error. It is still running, or it was killed.
 Runs trained on all 60k images (data.val_size=0) have no val/ metrics: "no val" in the tables.
+Runs made by different code (other commits or library versions, from their provenance.json) are
+compared all the same, after a one-line warning on stderr that names what differs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import statistics
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ import yaml
 
 from mnist_lit.errors import ReportError, reported_as_exit
 from mnist_lit.files import atomic_path
+from mnist_lit.provenance import describe, read_provenance, records
 
 # The metrics the Markdown table shows (the CSV has every metric of metrics.json).
 TABLE_METRICS = ("val/acc_best", "val/loss", "test/acc", "test/loss", "test/f1")
@@ -72,6 +76,7 @@ class Run:
     validation: bool = True  # false: trained on all 60k images, no val/ metrics (data.val_size=0)
     folds: int | None = None  # cross-validation: the run validated on fold `fold` of `folds`
     fold: int | None = None
+    provenance: dict[str, Any] | None = None  # provenance.json: what made the run; None for runs made before it
 
     @property
     def params(self) -> int:
@@ -134,6 +139,7 @@ def read_run(run_dir: Path) -> Run | None:
         validation=data.get("val_size") != 0,
         folds=folds,
         fold=data.get("fold") if folds else None,
+        provenance=read_provenance(run_dir),
     )
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
@@ -180,6 +186,32 @@ def common_overrides(runs: Sequence[Run]) -> list[str]:
         return []
     shared = set.intersection(*(set(run.overrides) for run in runs))
     return [override for override in runs[0].overrides if override in shared]
+
+
+def provenance_warning(runs: Sequence[Run]) -> str | None:
+    """One line when the runs were made by different code: other commits, or dirty trees with other
+    diffs (`mnist_lit.provenance.describe`), or other versions of Python or a library. Runs without
+    a record are counted as unknown, but alone they warn of nothing: they are older runs."""
+    sources: dict[str, int] = {}  # what made the runs -> how many runs it made (a resumed run may count twice)
+    versions: dict[str, set[str]] = {}
+    for run in runs:
+        made_by = records(run.provenance)
+        for source in dict.fromkeys(describe(record) for record in made_by) if made_by else ["unknown"]:
+            sources[source] = sources.get(source, 0) + 1
+        for record in made_by:
+            for library, value in record.get("versions", {}).items():
+                if library != "mnist_lit":  # it follows the commit
+                    versions.setdefault(library, set()).add(str(value))
+    known = [source for source in sources if source != "unknown"]
+    differing = {library: values for library, values in versions.items() if len(values) > 1}
+    if len(known) < 2 and not differing:
+        return None
+    parts = []
+    if len(known) > 1:
+        counted = ", ".join(f"{source} ×{count}" for source, count in sorted(sources.items()))
+        parts.append(f"{len(known)} versions of the code ({counted})")
+    parts += [f"{library} {' and '.join(sorted(values))}" for library, values in sorted(differing.items())]
+    return f"warning: these runs come from {'; '.join(parts)}: compare with care (see each run's provenance.json)"
 
 
 def _display_path(path: Path) -> str:
@@ -478,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     with reported_as_exit():
         runs = find_runs(args.paths)
+        if warning := provenance_warning(runs):
+            print(warning, file=sys.stderr)
         if args.by_seed or args.by_fold:
             over = "seed" if args.by_seed else "fold"
             groups = aggregate(runs, over)

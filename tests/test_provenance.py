@@ -1,5 +1,5 @@
 """Every run says what made it: `<run>/provenance.json` from a real run on the synthetic data, a
-dirty tree's diff and no git in throwaway folders, secrets masked, and each
+dirty tree's diff and no git in throwaway folders, secrets masked, the report's warning, and each
 tracker's copy read back with its own reader."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning
@@ -22,8 +23,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mnist_lit import provenance
 from mnist_lit.provenance import CPU_FLAGS, DIFF, RECORD, git_state, masked, write_provenance
+from mnist_lit.report import find_runs, main, provenance_warning
 from tests.conftest import FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, train_in_process
 from tests.test_loggers import read_mlflow, read_wandb, train, wandb_offline  # noqa: F401 (wandb_offline: a fixture)
+from tests.test_report import completed, make_run
 
 SECRET_URL = "postgresql://user:secret@host/db"
 
@@ -180,6 +183,69 @@ def test_without_package_metadata_the_version_says_so(monkeypatch: pytest.Monkey
 )
 def test_masked_hides_passwords_and_secret_settings_only(text: str, shown: str) -> None:
     assert masked(text) == shown
+
+
+def record_of(
+    commit: str | None, dirty: bool = False, diff_sha256: str | None = None, torch_version: str = "2.14.1"
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "commit": commit,
+        "versions": {"mnist_lit": "0.1.dev1", "python": "3.11.7", "torch": torch_version},
+    }
+    if commit is not None:
+        record["dirty"] = dirty
+    if diff_sha256:
+        record["diff_sha256"] = diff_sha256
+    return record
+
+
+def make_runs(root: Path, *records: dict[str, Any] | None) -> Path:
+    """One completed run folder per record (None: a run made before records, without one)."""
+    for index, record in enumerate(records):
+        folder = root / f"job{index}"
+        make_run(folder, [f"seed={index}"], completed(0.97, 0.975, 10.0))
+        if record is not None:
+            (folder / RECORD).write_text(json.dumps(record))
+    return root
+
+
+def test_the_report_warns_in_one_line_when_runs_come_from_other_commits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = "a" * 40, "b" * 40
+    root = make_runs(
+        tmp_path / "outputs", record_of(a), record_of(a), record_of(b, dirty=True, diff_sha256="6af1ba99"), None
+    )
+    main([str(root)])
+    out, err = capsys.readouterr()
+    assert err == (
+        "warning: these runs come from 2 versions of the code (aaaaaaa ×2, bbbbbbb dirty 6af1ba ×1, unknown ×1): "
+        "compare with care (see each run's provenance.json)\n"
+    )
+    assert out.startswith("4 runs: 4 completed\n")  # the table as always, on stdout alone
+
+
+def test_the_report_warns_of_other_library_versions_and_dirty_trees_with_other_diffs(tmp_path: Path) -> None:
+    a = "a" * 40
+    libraries = find_runs([make_runs(tmp_path / "one", record_of(a), record_of(a, torch_version="2.15.0"))])
+    assert provenance_warning(libraries) == (
+        "warning: these runs come from torch 2.14.1 and 2.15.0: compare with care (see each run's provenance.json)"
+    )
+    diffs = find_runs([make_runs(tmp_path / "two", record_of(a, True, "111111"), record_of(a, True, "222222"))])
+    assert provenance_warning(diffs).startswith(
+        "warning: these runs come from 2 versions of the code (aaaaaaa dirty 111111 ×1, aaaaaaa dirty 222222 ×1)"
+    )
+
+
+def test_the_report_says_nothing_of_runs_from_one_commit_or_without_records(tmp_path: Path) -> None:
+    a = "a" * 40
+    same = make_runs(tmp_path / "same", record_of(a), record_of(a), None, None)
+    assert provenance_warning(find_runs([same])) is None
+    older = make_runs(tmp_path / "older", None, None)
+    assert provenance_warning(find_runs([older])) is None
+    # A run resumed by other code is made by both.
+    resumed = make_runs(tmp_path / "resumed", {**record_of(a), "earlier": [record_of("c" * 40)]})
+    assert "2 versions of the code (aaaaaaa ×1, ccccccc ×1)" in provenance_warning(find_runs([resumed]))
 
 
 def test_tensorboard_and_mlflow_get_the_record(synthetic_mnist: SyntheticMNIST, tmp_path: Path) -> None:
