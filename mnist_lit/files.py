@@ -92,9 +92,10 @@ def amount(size: int) -> str:
     return f"{size} B"
 
 
-# What a run writes before its first training step: Hydra's record of the config, the logs, and the
-# loggers' folders (mnist_lit.experiment.build_logger) holding the hyperparameters and no curves.
-BEFORE_TRAINING = (".hydra", "tensorboard", "csv")
+# What a run writes before its first training step: Hydra's record of the config, the logs, the
+# loggers' folders (mnist_lit.experiment.build_logger) holding the hyperparameters and no curves, and
+# the record of what made the run (mnist_lit/provenance.py).
+BEFORE_TRAINING = (".hydra", "tensorboard", "csv", "provenance.json", "provenance.diff")
 
 
 def remove_unused_run_folder(run_dir: Path) -> None:

@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mnist_lit import provenance
 from mnist_lit.provenance import CPU_FLAGS, DIFF, RECORD, git_state, masked, write_provenance
 from mnist_lit.report import find_runs, main, provenance_warning
-from tests.conftest import FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, train_in_process
+from tests.conftest import FAST_TRAIN, PROJECT_ROOT, SyntheticMNIST, run_in_process, train_in_process
 from tests.test_loggers import read_mlflow, read_wandb, train, wandb_offline  # noqa: F401 (wandb_offline: a fixture)
 from tests.test_report import completed, make_run
 
@@ -85,6 +85,19 @@ def test_a_run_records_what_made_it(synthetic_mnist: SyntheticMNIST, tmp_path: P
     assert record["command"].split()[1:3] == ["-m", "mnist_lit.train"]
     assert "secret" not in (run_dir / RECORD).read_text()
     assert before <= datetime.fromisoformat(record["started"]) <= datetime.now().astimezone()
+
+
+def test_an_input_error_found_once_the_record_is_written_still_leaves_no_run_folder(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    """The data are read after the record is written: a missing mirror stops the run there, and its
+    folder, holding nothing but what precedes training, is removed (mnist_lit.files.BEFORE_TRAINING)."""
+    overrides = [override for override in synthetic_mnist.overrides(tmp_path / "data") if "mirror" not in override]
+    result = run_in_process(
+        "mnist_lit.train", *FAST_TRAIN, "logger=none", *overrides, f"data.mirror={tmp_path / 'none'}", cwd=tmp_path
+    )
+    assert result.returncode != 0 and "is not a folder" in result.stderr
+    assert not any((tmp_path / "outputs" / "runs").iterdir())
 
 
 def test_a_dirty_tree_saves_its_diff_and_names_its_new_files(repo: Path, tmp_path: Path) -> None:
