@@ -41,7 +41,7 @@ test-fast: $(DEV)  ## without the slow tests (real MNIST, DDP ranks, the install
 sweep: $(INSTALLED)  ## 4 jobs: two architectures x two learning rates; side by side: ARGS=hydra/launcher=joblib
 	$(PYTHON) -m mnist_lit.train -m 'model.hidden=[128,64],[256,128]' model.lr=1e-3,3e-3 $(ARGS)
 
-search: $(VENV)/.installed-search  ## short Optuna search, a few minutes on CPU; resume: make search ARGS=hydra.sweep.dir=outputs/multiruns/<sweep>
+search: $(VENV)/.installed-search  ## short Optuna search, a few minutes on CPU; resume: python -m mnist_lit.train resume=outputs/multiruns/<sweep>
 	$(PYTHON) -m mnist_lit.train hparams_search=optuna hydra.sweeper.n_trials=6 trainer.max_epochs=2 data.batch_size=256 $(ARGS)
 
 report: $(INSTALLED)  ## compare runs: make report RUNS=outputs/multiruns/<sweep> (default: everything under outputs)

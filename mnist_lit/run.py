@@ -3,7 +3,6 @@ before any data is read), fit, test of the best checkpoint, and `metrics.json`, 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -22,8 +21,8 @@ from mnist_lit.callbacks import EndsRunEarly, PopulationBatchNorm
 from mnist_lit.checkpoint import AtomicCheckpointIO, check_resumable
 from mnist_lit.config import arguments, build, check_arguments, to_plain
 from mnist_lit.data import MNISTDataModule
-from mnist_lit.errors import CheckpointError, ConfigError, Interrupted, OutOfSpace, TrainingDiverged, refused
-from mnist_lit.files import remove_stale_partials, replace_durably
+from mnist_lit.errors import CheckpointError, ConfigError, Interrupted, OutOfSpace, TimedOut, TrainingDiverged, refused
+from mnist_lit.files import remove_stale_partials, write_json_atomically
 from mnist_lit.loggers import build_loggers, finish_loggers, log_hyperparameters, log_provenance
 from mnist_lit.module import MONITORABLE, MNISTClassifier, StepSettings
 from mnist_lit.provenance import write_provenance
@@ -199,7 +198,7 @@ def build_trainer(
             cfg.callbacks, has_logger=bool(loggers), batches_per_call=cfg.data.batches_per_call, validates=validates
         ),
         # Not config entries: exact resume (resume=) and a complete metrics.json depend on them.
-        GracefulStop(ckpt_path=output_dir / "checkpoints" / "last.ckpt"),
+        GracefulStop(ckpt_path=output_dir / "checkpoints" / "last.ckpt", timeout_min=cfg.timeout_min),
         FitRecord(),
         *extra_callbacks,
     ]
@@ -217,11 +216,6 @@ def build_trainer(
         )
     except (ValueError, MisconfigurationException) as err:  # Lightning's own checks of its arguments
         raise ConfigError(f"Lightning refuses the trainer.* settings: {err}") from None
-
-
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)  # a fast_dev_run writes nothing else into the run folder
-    replace_durably(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -286,6 +280,8 @@ def build_run(
         raise refused("compile_mode", cfg.compile_mode, f"use one of {', '.join(COMPILE_MODES)}")
     if cfg.threads is not None and cfg.threads <= 0:
         raise refused("threads", cfg.threads, "use a positive number of CPU threads, or null")
+    if cfg.timeout_min is not None and not (math.isfinite(cfg.timeout_min) and cfg.timeout_min > 0):
+        raise refused("timeout_min", cfg.timeout_min, "use a positive number of minutes, or null for no limit")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -337,7 +333,7 @@ def _fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback]) -> dict[str, A
             remove_stale_partials(folder)  # of a process of this run that was killed while writing
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    except (Interrupted, TrainingDiverged) as stop:
+    except (Interrupted, TimedOut, TrainingDiverged) as stop:
         record_stop(trainer, output_dir, stop)
         raise
     except SIGTERMException:
@@ -392,10 +388,12 @@ def signal_stop(trainer: L.Trainer, output_dir: Path, signum: int) -> Interrupte
     return stop
 
 
-def record_stop(trainer: L.Trainer, output_dir: Path, stop: Interrupted | TrainingDiverged) -> None:
+def record_stop(trainer: L.Trainer, output_dir: Path, stop: Interrupted | TimedOut | TrainingDiverged) -> None:
     """metrics.json of a run that stopped early: why, the metrics so far, and what to resume from."""
     if isinstance(stop, Interrupted):
         write_metrics(trainer, output_dir, "interrupted", signal=stop.signal.name, resume_from=str(stop.ckpt_path))
+    elif isinstance(stop, TimedOut):
+        write_metrics(trainer, output_dir, "timed_out", error=str(stop), resume_from=str(stop.ckpt_path))
     else:
         write_metrics(trainer, output_dir, "diverged", error=str(stop))
 

@@ -137,15 +137,22 @@ def say_how_to_continue(sweep_dir: Path) -> None:
     print(f"sweep stopped; it can go on: python -m mnist_lit.train resume={sweep_dir}", file=sys.stderr, flush=True)
 
 
-def continuation(folder: Path, overrides: list[str], retry_failed: bool) -> list[str] | None:
+def continuation(folder: Path, overrides: list[str], swept: set[str], retry_failed: bool) -> list[str] | None:
     """The overrides that continue job `folder` of a sweep found again: None for a job to keep as it
     is, the job's own overrides to run it (again) from the start, or those plus its `last.ckpt` to
-    resume it in its folder (its `.hydra/` record kept; this launch's goes to `.hydra/resumed_<time>/`)."""
+    resume it in its folder (its `.hydra/` record kept; this launch's goes to `.hydra/resumed_<time>/`).
+
+    The job must be the one that ran there: the same values of the `swept` keys. (Other overrides may
+    differ: a sweep moved to another machine goes on with another data.mirror.)"""
     recorded = folder / ".hydra" / "overrides.yaml"
     if not recorded.is_file():
         return overrides  # never started, or killed before Hydra wrote its record
     ran = [str(override) for override in OmegaConf.load(recorded)]
-    if ran != overrides:
+
+    def identity(job: list[str]) -> list[str]:
+        return [override for override in job if override.split("=", 1)[0].lstrip("+~") in swept]
+
+    if identity(ran) != identity(overrides):
         raise ConfigError(
             f"hydra.sweep.dir={folder.parent} holds job {folder.name} of another sweep ({' '.join(ran)}, here "
             f"{' '.join(overrides)}); give a new hydra.sweep.dir, or continue it as it was with "
@@ -199,13 +206,15 @@ class GridSweeper(BasicSweeper):
     def _sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        (jobs,) = self.split_arguments(parser.parse_overrides([*self._parse_config(), *arguments]), None)
+        parsed = parser.parse_overrides([*self._parse_config(), *arguments])
+        (jobs,) = self.split_arguments(parsed, None)
+        swept = {override.get_key_element().lstrip("+~") for override in parsed if override.is_sweep_override()}
         sweep_dir = Path(self.config.hydra.sweep.dir)
         found_again = (sweep_dir / "multirun.yaml").is_file()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if found_again:
             planned = [
-                (number, continuation(sweep_dir / str(number), job, self.retry_failed))
+                (number, continuation(sweep_dir / str(number), job, swept, self.retry_failed))
                 for number, job in enumerate(jobs)
             ]
             to_run = [(number, job) for number, job in planned if job is not None]
