@@ -229,3 +229,42 @@ def test_failed_trials_of_a_search_are_fail_in_the_study_and_a_search_that_mostl
     assert "2 trials failed, more than hydra.sweeper.max_failure_rate=0.5 of n_trials=3" in result.stdout
     assert "2 of 2 trials did not complete" in result.stderr
     assert statuses(sweep) == {"0": "diverged", "1": "diverged"}
+
+
+@pytest.mark.slow
+def test_a_search_stopped_mid_trial_goes_on_from_that_trials_checkpoint_to_the_uninterrupted_searchs_values(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    optuna = pytest.importorskip("optuna")
+    search = [
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.pruner=null",
+        *FAST,
+        "data.batch_size=10",  # out of the search space: 50 steps an epoch, time to stop one
+        "model.hidden=[16]",
+    ]
+
+    def values(sweep: Path) -> list[float]:
+        study = optuna.load_study(study_name="mlp", storage=f"sqlite:///{sweep}/optuna.db")
+        return [trial.value for trial in study.trials]
+
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    reference.mkdir(), stopped.mkdir()
+    data = synthetic_mnist.overrides(reference / "data")
+    result = run_in_process("mnist_lit.train", *search, *data, f"hydra.sweep.dir={reference / 's'}", cwd=reference)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    sweep = stopped / "s"
+    code, output = sweep_until(
+        [*search, *synthetic_mnist.overrides(stopped / "data"), f"hydra.sweep.dir={sweep}"],
+        stopped,
+        job=1,
+        signum=signal.SIGTERM,
+    )
+    assert code == 143, output
+    assert statuses(sweep) == {"0": "completed", "1": "interrupted"}
+    result = run_in_process("mnist_lit.train", f"resume={sweep}", cwd=stopped)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 of 2 trials finished, 1 left running go on from their last.ckpt, 0 to run" in result.stdout
+    assert values(sweep) == values(reference / "s")
