@@ -28,8 +28,12 @@ from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
-from omegaconf import OmegaConf
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
 
 from mnist_lit.config import quoted
 from mnist_lit.errors import ConfigError, MnistLitError, TimedOut, TrainingDiverged, reported_as_exit
@@ -190,14 +194,30 @@ class GridSweeperConf(BasicSweeperConf):
     retry_failed: bool = False
 
 
-class GridSweeper(BasicSweeper):
+class GridSweeper(Sweeper):
     """Hydra's basic sweeper (the same jobs, in the same order, numbered the same), that goes on past
     failed jobs, continues a sweep folder it finds again (`continuation`), and ends with the table
-    of the jobs that did not complete."""
+    of the jobs that did not complete.
 
-    def __init__(self, max_batch_size: int | None, params: dict[str, str] | None = None, retry_failed: bool = False):
-        super().__init__(max_batch_size, params)
+    Not a subclass of BasicSweeper: Hydra's plugin scan may import its module a second time, and
+    BasicSweeper's own `super(BasicSweeper, self)` then fails on instances of a subclass of the first."""
+
+    def __init__(
+        self, max_batch_size: int | None, params: dict[str, str] | None = None, retry_failed: bool = False
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.params = params or {}
         self.retry_failed = retry_failed
+        self.hydra_context: HydraContext | None = None
+        self.config: DictConfig | None = None
+        self.launcher: Launcher | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         with reported_as_exit():
@@ -206,8 +226,8 @@ class GridSweeper(BasicSweeper):
     def _sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        parsed = parser.parse_overrides([*self._parse_config(), *arguments])
-        (jobs,) = self.split_arguments(parsed, None)
+        parsed = parser.parse_overrides([*(f"{key}={value}" for key, value in self.params.items()), *arguments])
+        (jobs,) = BasicSweeper.split_arguments(parsed, None)
         swept = {override.get_key_element().lstrip("+~") for override in parsed if override.is_sweep_override()}
         sweep_dir = Path(self.config.hydra.sweep.dir)
         found_again = (sweep_dir / "multirun.yaml").is_file()

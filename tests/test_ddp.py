@@ -317,7 +317,7 @@ def test_submitit_local_runs_the_ranks_as_slurm_would(synthetic_mnist: Synthetic
     result = run_in_process("mnist_lit.train", "-m", "hydra/launcher=slurm_local", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     (sweep_dir,) = (tmp_path / "outputs" / "multiruns").iterdir()
-    assert sorted(path.name for path in sweep_dir.iterdir()) == [".submitit", "0", "multirun.yaml"]
+    assert sorted(path.name for path in sweep_dir.iterdir()) == [".submitit", "0", "multirun.yaml", "sweep.json"]
     metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["global_step"] == STEPS_PER_EPOCH
     # Two tasks, each rank's output in its own file.
