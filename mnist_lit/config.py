@@ -20,6 +20,7 @@ import functools
 import inspect
 import os
 import secrets
+import time
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -295,3 +296,12 @@ def require(cfg: DictConfig, key: str, example: str) -> None:
 def quoted(value: str | Path) -> str:
     """A path or string as a quoted Hydra override value, whatever characters it holds."""
     return "'" + str(value).replace("'", "\\'") + "'"
+
+
+def resumed_in_place(checkpoint: Path) -> list[str]:
+    """The overrides that go on from `checkpoint` in the run folder that holds it: the run's `.hydra/`
+    record is kept as it was, and this launch's goes to `.hydra/resumed_<time>/`."""
+    return [
+        f"hydra.output_subdir=.hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}",
+        f"ckpt_path={quoted(checkpoint)}",
+    ]

@@ -24,7 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mnist_lit.files import replace_durably
+from mnist_lit.files import replace_durably, write_json_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -217,7 +217,7 @@ def write_provenance(
     if diff:
         record["diff"] = DIFF
         replace_durably(run_dir / DIFF, diff.encode())
-    replace_durably(run_dir / RECORD, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    write_json_atomically(run_dir / RECORD, record)
     return record
 
 

@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mnist_lit.callbacks import CHECK_EVERY_N_STEPS
-from mnist_lit.config import PathsConfig, quoted
+from mnist_lit.config import PathsConfig, quoted, resumed_in_place
 from mnist_lit.distributed import every_rank, own_rank
 from mnist_lit.errors import ConfigError, Interrupted, TimedOut
 from mnist_lit.module import planned_optimizer_steps
@@ -283,8 +283,7 @@ def expand_resume(args: list[str]) -> list[str]:
         *recorded_model_settings(run),
         *(arg for arg in args if not arg.startswith("resume=")),
         f"hydra.run.dir={quoted(run)}",
-        f"hydra.output_subdir=.hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}",
-        f"ckpt_path={quoted(checkpoint)}",
+        *resumed_in_place(checkpoint),
     ]
 
 

@@ -35,7 +35,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_lit.config import quoted
+from mnist_lit.config import resumed_in_place
 from mnist_lit.errors import ConfigError, MnistLitError, TimedOut, TrainingDiverged, reported_as_exit
 from mnist_lit.files import write_json_atomically
 
@@ -180,8 +180,7 @@ def continuation(folder: Path, overrides: list[str], swept: set[str], retry_fail
                 shutil.move(entry, aside / entry.name)
         return overrides
     if last.is_file():
-        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-        return [*overrides, f"ckpt_path={quoted(last)}", f"hydra.output_subdir=.hydra/resumed_{stamp}"]
+        return [*overrides, *resumed_in_place(last)]
     return overrides
 
 
@@ -279,6 +278,5 @@ def record_uncaught(folder: Path, result: JobReturn) -> None:
     Hydra's setup of the job): its metrics.json says so."""
     if result.status == JobStatus.FAILED and not (folder / "metrics.json").is_file():
         error = result._return_value
-        assert isinstance(error, BaseException)
-        status, reason = failure_of(error)
-        write_json_atomically(folder / "metrics.json", {"status": status, "error": reason})
+        assert isinstance(error, Exception)  # what Hydra's run_job catches
+        record_failed_job(folder, error)

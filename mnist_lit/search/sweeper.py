@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_lit.config import quoted
+from mnist_lit.config import resumed_in_place
 from mnist_lit.errors import ConfigError, reported_as_exit
 from mnist_lit.search import OBJECTIVE
 from mnist_lit.sweep import (
@@ -262,8 +261,7 @@ class OptunaSweeper(Sweeper):
             job = [*fixed, *trial_overrides(trial), f"hydra.sweeper.trial={trial.number}"]
             last = sweep_dir / str(trial.number) / "checkpoints" / "last.ckpt"
             if last.is_file():
-                stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-                job += [f"ckpt_path={quoted(last)}", f"hydra.output_subdir=.hydra/resumed_{stamp}"]
+                job += resumed_in_place(last)
             overrides.append(job)
         # Job folder N is trial N, so a resumed search never overwrites the folders of earlier trials.
         returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
