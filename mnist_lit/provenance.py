@@ -44,7 +44,7 @@ GIT_TIMEOUT = 5.0
 
 # A URL's password (scheme://user:password@host), and the value of a setting or query parameter
 # named like a secret (wandb.api_key=..., ?password=..., token=...).
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*:)([^\s/@]+)(@)")
+URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*:)([^\s/@]+)(@)")
 _SECRET_SETTING = re.compile(
     r"((?:^|[\s.?&_-])(?:password|passwd|pwd|secret|token|api_?key|access_?key|secret_?key|credentials?)=)([^\s&]+)",
     re.IGNORECASE,
@@ -56,7 +56,7 @@ def masked(text: str) -> str:
     (`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`) and the value of a setting
     named like a secret (`+logger.wandb.api_key=abc` -> `+logger.wandb.api_key=***`). For anything
     written where others may read it: records, logs, trackers."""
-    text = _URL_PASSWORD.sub(r"\1***\3", text)
+    text = URL_PASSWORD.sub(r"\1***\3", text)
     return _SECRET_SETTING.sub(r"\1***", text)
 
 

@@ -346,14 +346,28 @@ def continued_sweep(sweep: Path, args: list[str]) -> list[str]:
     """`resume=<sweep folder>` as the sweep's own command line, into its folder: its sweeper keeps the
     done jobs, resumes the unfinished ones and starts those never started (mnist_lit/sweep.py)."""
     try:
-        recorded = OmegaConf.load(sweep / "multirun.yaml").hydra.overrides
+        # Unresolved: an override may read the environment (`${oc.env:...}`), as the sweep does when it runs.
+        recorded = OmegaConf.to_container(OmegaConf.load(sweep / "multirun.yaml").hydra.overrides, resolve=False)
     except (OSError, yaml.YAMLError, OmegaConfBaseException) as error:
         raise ConfigError(
             f"resume={sweep}: its multirun.yaml is unreadable ({error}); start the sweep again."
         ) from None
-    hydra_overrides = [o for o in recorded.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
+    hydra_overrides = [o for o in recorded["hydra"] if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
+    from mnist_lit.search.storage import PASSWORD_VARIABLE
+
+    typed_password = any(PASSWORD_VARIABLE in override for override in hydra_overrides)
+    if (
+        typed_password
+        and PASSWORD_VARIABLE not in os.environ
+        and not any(a.startswith("hydra.sweeper.storage=") for a in args)
+    ):
+        raise ConfigError(
+            f"resume={sweep}: its hydra.sweeper.storage had a password typed into it, which no file keeps; "
+            f"give it in the environment ({PASSWORD_VARIABLE}=...), or give the storage again with the password "
+            "in PGPASSFILE or ~/.pgpass"
+        )
     given_keys = {arg.split("=", 1)[0] for arg in args}
-    task = [o for o in recorded.task if not machine_path_gone(o, given_keys)]
+    task = [o for o in recorded["task"] if not machine_path_gone(o, given_keys)]
     return [
         "--multirun",
         *task,

@@ -74,9 +74,10 @@ def print_config_tree(cfg: DictConfig, output_dir: Path) -> None:
 
 if __name__ == "__main__":
     from mnist_lit.resume import expand_resume
+    from mnist_lit.search.storage import password_to_environment
     from mnist_lit.speed import exit_without_collecting_garbage
 
     with reported_as_exit():
-        sys.argv[1:] = expand_resume(sys.argv[1:])
+        sys.argv[1:] = expand_resume(password_to_environment(sys.argv[1:]))
     main()
     exit_without_collecting_garbage()

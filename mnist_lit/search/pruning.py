@@ -81,7 +81,9 @@ def trial_pruning() -> list[Callback]:
     import optuna
     from hydra.utils import instantiate
 
-    storage = optuna.storages.RDBStorage(sweeper.storage)
+    from mnist_lit.search.storage import open_storage
+
+    storage = open_storage(sweeper.storage)
     study = optuna.load_study(study_name=sweeper.study_name, storage=storage, pruner=instantiate(sweeper.pruner))
     study_id = storage.get_study_id_from_name(sweeper.study_name)
     trial = optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, sweeper.trial))

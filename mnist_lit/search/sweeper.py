@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,11 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_lit.config import resumed_in_place
+from mnist_lit.config import quoted, resumed_in_place
 from mnist_lit.errors import ConfigError, reported_as_exit
+from mnist_lit.provenance import masked
 from mnist_lit.search import OBJECTIVE
+from mnist_lit.search.storage import FOLDER, Heartbeats, open_storage, release_stale_trials
 from mnist_lit.sweep import (
     JobOutcome,
     consecutive,
@@ -63,8 +66,13 @@ class OptunaSweeperConf:
     # memory, raised). Failed trials are not counted in n_trials. A diverged trial is an ordinary
     # outcome of a learning-rate search; a search whose trials mostly fail stops.
     max_failure_rate: float = 0.5
-    # When a search goes on (resume=<sweep folder>): run the parameters of its failed trials again, once.
+    # When a search goes on (resume=<sweep folder>), or a worker finds a trial whose folder it cannot
+    # reach: run the parameters of the failed trials again, once.
     retry_failed: bool = False
+    # Each worker stamps the trials it runs every heartbeat_interval seconds; a trial not stamped for
+    # grace_period seconds lost its worker (killed, its machine gone), and a live worker takes it over.
+    heartbeat_interval: float = 30.0
+    grace_period: float = 120.0
     # Search space, in Hydra's override grammar: choice(...), interval(lo, hi), tag(log, interval(...)),
     # range(start, stop, step). Sweep overrides given on the command line are added to it.
     params: dict[str, str] = field(default_factory=dict)
@@ -138,6 +146,8 @@ class OptunaSweeper(Sweeper):
         max_failure_rate: float,
         params: DictConfig,
         retry_failed: bool = False,
+        heartbeat_interval: float = 30.0,
+        grace_period: float = 120.0,
         trial: int | None = None,  # set in the jobs' configs only
     ) -> None:
         self.direction = direction
@@ -149,6 +159,8 @@ class OptunaSweeper(Sweeper):
         self.pruner = pruner
         self.max_failure_rate = max_failure_rate
         self.retry_failed = retry_failed
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
         self.params = {str(key): str(value) for key, value in params.items()}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -165,6 +177,12 @@ class OptunaSweeper(Sweeper):
             )
         if self.n_trials < 1 or self.n_jobs < 1:
             raise ConfigError(f"hydra.sweeper.n_trials={self.n_trials} and n_jobs={self.n_jobs} must be >= 1")
+        if not 0 < self.heartbeat_interval < self.grace_period:
+            raise ConfigError(
+                f"hydra.sweeper.heartbeat_interval={self.heartbeat_interval} and grace_period={self.grace_period}: "
+                "a trial's worker stamps it every heartbeat_interval seconds, so give "
+                "0 < heartbeat_interval < grace_period"
+            )
         if not 0.0 <= self.max_failure_rate <= 1.0:
             raise ConfigError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate} must be in [0, 1]")
         if self.config.data.val_size == 0:
@@ -197,47 +215,55 @@ class OptunaSweeper(Sweeper):
         if not (sweep_dir / "multirun.yaml").is_file():  # what resume=<sweep folder> reads the command from
             OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
+        storage = open_storage(self.storage) if self.storage is not None else None
         study = optuna.create_study(
-            study_name=self.study_name, storage=self.storage, direction=self.direction, load_if_exists=True
+            study_name=self.study_name, storage=storage, direction=self.direction, load_if_exists=True
         )
-        unfinished = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if self.retry_failed:
             retry_failed_trials(study)
-        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-        sampler = OmegaConf.to_container(self.sampler, resolve=True)
-        seed = sampler.pop("seed", None)  # type: ignore[union-attr]
-        study.sampler = instantiate(sampler, seed=None if seed is None else seed + len(study.trials))
-        missing = max(self.n_trials - finished - len(unfinished), 0)
+        counts = trial_counts(study)
         log.info(f"Objective: {self.direction} {OBJECTIVE}, what mnist_lit.train returns (never a test metric).")
+        running, to_run = counts["running"], max(self.n_trials - counts["finished"] - counts["running"], 0)
         log.info(
-            f"Study {self.study_name!r} in {self.storage}: {finished} of {self.n_trials} trials finished, "
-            + (f"{len(unfinished)} left running go on from their last.ckpt, " if unfinished else "")
-            + f"{missing} to run. Resume with resume={sweep_dir}"
+            f"Study {self.study_name!r} in {masked(str(self.storage))}: {counts['finished']} of {self.n_trials} "
+            "trials finished, "
+            + (f"{running} running (or left running: taken over once stale), " if running else "")
+            + f"{to_run} to run. Resume with resume={sweep_dir}"
         )
         write_state(sweep_dir, "running", jobs=self.n_trials)
-        # Too many failures stop the search: more than max_failure_rate of n_trials, those of earlier launches included.
+        # Too many failures stop the search: more than max_failure_rate of n_trials, those of earlier launches
+        # and of other workers included.
         allowed_failures = self.max_failure_rate * self.n_trials
-        try:
-            # Trials an interrupted sweep left running go on in their folders, from their last.ckpt.
-            for group in consecutive([(trial.number, trial) for trial in unfinished], self.n_jobs):
-                self._launch(study, sweep_dir, [trial for _, trial in group], fixed)
-            launched = 0
-            while launched < missing:
-                failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-                if failed > allowed_failures:
-                    break
-                trials = [study.ask(space) for _ in range(min(self.n_jobs, missing - launched))]
-                numbers = [trial.number for trial in trials]
-                if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
-                    raise RuntimeError(
-                        f"trials {numbers} of study {self.study_name!r} are not consecutive: "
-                        "another process is adding trials to it. Give each sweep its own study."
-                    )
-                self._launch(study, sweep_dir, trials, fixed)
-                launched += len(trials)
-        except BaseException:  # a signal that stopped a trial, Ctrl-C between trials, a launcher's failure
-            say_how_to_continue(sweep_dir)
-            raise
+        sampler = OmegaConf.to_container(self.sampler, resolve=True)
+        seed = sampler.pop("seed", None)  # type: ignore[union-attr]
+        seeded = False
+        with Heartbeats(study._storage, self.heartbeat_interval) as heartbeats:
+            try:
+                while True:
+                    release_stale_trials(study, self.grace_period)
+                    counts = trial_counts(study)
+                    if counts["failed"] > allowed_failures or counts["finished"] >= self.n_trials:
+                        break
+                    wanted = self.n_trials - counts["finished"] - counts["running"]
+                    if wanted <= 0:  # other workers run the last trials: wait, to take over any whose worker dies
+                        time.sleep(min(self.heartbeat_interval, 1.0))
+                        continue
+                    trials = []
+                    for _ in range(min(self.n_jobs, wanted)):
+                        trial = study.ask()  # a WAITING trial first: enqueued, or taken over from a dead worker
+                        if not seeded:
+                            # Seeded by this worker's first trial number: a single worker draws as it always
+                            # did (seed + the trials before), and workers sharing a study draw apart.
+                            offset = None if seed is None else seed + trial.number
+                            study.sampler = instantiate(sampler, seed=offset)
+                            seeded = True
+                        suggest(trial, space)
+                        trials.append(trial)
+                    for group in consecutive([(trial.number, trial) for trial in trials], self.n_jobs):
+                        self._launch(study, sweep_dir, [trial for _, trial in group], fixed, heartbeats)
+            except BaseException:  # a signal that stopped a trial, Ctrl-C between trials, a launcher's failure
+                say_how_to_continue(sweep_dir)
+                raise
 
         save_results(study, sweep_dir / "optimization_results.yaml")
         failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
@@ -253,22 +279,73 @@ class OptunaSweeper(Sweeper):
         ]
         report_incomplete(sweep_dir, outcomes, what="trial")
 
-    def _launch(self, study: optuna.Study, sweep_dir: Path, trials: Sequence[Any], fixed: list[str]) -> None:
-        """Run `trials` as jobs, job folder N for trial N (a trial left running goes on from its
-        last.ckpt there), and tell the study what each returned."""
-        overrides = []
-        for trial in trials:
+    def _launch(
+        self, study: optuna.Study, sweep_dir: Path, trials: list[Any], fixed: list[str], heartbeats: Heartbeats
+    ) -> None:
+        """Run `trials` as jobs, job folder N for trial N, and tell the study what each returned.
+
+        A trial taken over from a worker that stopped goes on from its `last.ckpt` in its folder where
+        this worker reaches it (that worker's sweep folder on this machine or a shared file system);
+        one whose folder is out of reach fails (`hydra.sweeper.retry_failed=true` runs its parameters again)."""
+        from optuna.trial import TrialState
+
+        jobs = []
+        for trial in list(trials):
             job = [*fixed, *trial_overrides(trial), f"hydra.sweeper.trial={trial.number}"]
-            last = sweep_dir / str(trial.number) / "checkpoints" / "last.ckpt"
+            recorded = study._storage.get_trial_system_attrs(trial._trial_id).get(FOLDER)
+            folder = Path(recorded) if recorded else sweep_dir / str(trial.number)
+            last = folder / "checkpoints" / "last.ckpt"
+            if recorded and not folder.is_dir():
+                log.warning(f"Trial {trial.number}: its folder {folder} is out of reach from here: failed")
+                study.tell(trial.number, state=TrialState.FAIL)
+                if self.retry_failed:
+                    retry_failed_trials(study)
+                trials.remove(trial)
+                continue
+            if folder.parent != sweep_dir:  # another worker's sweep folder
+                job.append(f"hydra.sweep.dir={quoted(folder.parent)}")
             if last.is_file():
                 job += resumed_in_place(last)
-            overrides.append(job)
-        # Job folder N is trial N, so a resumed search never overwrites the folders of earlier trials.
-        returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
+            study._storage.set_trial_system_attr(trial._trial_id, FOLDER, str(folder.resolve()))
+            jobs.append(job)
+        if not trials:
+            return
+        heartbeats.trial_ids.update(trial._trial_id for trial in trials)
+        heartbeats.beat(heartbeats.trial_ids)
+        returns = self.launcher.launch(jobs, initial_job_idx=trials[0].number)
         for trial, job in zip(trials, returns, strict=True):
-            folder = sweep_dir / str(trial.number)
+            folder = Path(study._storage.get_trial_system_attrs(trial._trial_id)[FOLDER])
             record_uncaught(folder, job)
             tell(study, trial.number, job, folder)
+            heartbeats.trial_ids.discard(trial._trial_id)
+
+
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    """How many of the study's trials are finished (completed or pruned), running (or left running by
+    a worker that stopped, until it is taken over) and failed."""
+    from optuna.trial import TrialState
+
+    states = [trial.state for trial in study.get_trials(deepcopy=False)]
+    return {
+        "finished": sum(state in (TrialState.COMPLETE, TrialState.PRUNED) for state in states),
+        "running": states.count(TrialState.RUNNING),
+        "failed": states.count(TrialState.FAIL),
+    }
+
+
+def suggest(trial: optuna.trial.Trial, space: dict[str, BaseDistribution]) -> None:
+    """Draw `trial`'s parameters from `space` (what study.ask(space) does, after the sampler is seeded).
+    A trial taken over keeps the parameters it has."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    for name, distribution in space.items():
+        if isinstance(distribution, FloatDistribution):
+            trial.suggest_float(name, distribution.low, distribution.high, log=distribution.log, step=distribution.step)
+        elif isinstance(distribution, IntDistribution):
+            trial.suggest_int(name, distribution.low, distribution.high, log=distribution.log, step=distribution.step)
+        else:
+            assert isinstance(distribution, CategoricalDistribution)
+            trial.suggest_categorical(name, distribution.choices)
 
 
 def trial_overrides(trial: Any) -> list[str]:
