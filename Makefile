@@ -12,7 +12,7 @@ PARALLEL ?= -n auto --maxprocesses=4 --dist loadfile
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install train test test-fast sweep search report results bench predict export tensorboard lint format clean
+.PHONY: help install train test test-fast sweep search dashboard report results bench predict export tensorboard lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,6 +43,9 @@ sweep: $(INSTALLED)  ## 4 jobs: two architectures x two learning rates; side by 
 
 search: $(VENV)/.installed-search  ## short Optuna search, a few minutes on CPU; resume: python -m mnist_lit.train resume=outputs/multiruns/<sweep>
 	$(PYTHON) -m mnist_lit.train hparams_search=optuna hydra.sweeper.n_trials=6 trainer.max_epochs=2 data.batch_size=256 $(ARGS)
+
+dashboard: $(VENV)/.installed-dashboard  ## optuna-dashboard on localhost:8080: make dashboard STORAGE=sqlite:///outputs/multiruns/<sweep>/optuna.db
+	$(VENV)/bin/optuna-dashboard $(STORAGE) --host 127.0.0.1 --port 8080
 
 report: $(INSTALLED)  ## compare runs: make report RUNS=outputs/multiruns/<sweep> (default: everything under outputs)
 	$(PYTHON) -m mnist_lit.report $(or $(RUNS),outputs) --csv outputs/report.csv --plot outputs/report.png $(ARGS)

@@ -9,24 +9,31 @@ Who starts the processes of a DDP run:
 - SLURM, one task per device: Lightning's SLURMEnvironment reads the ranks from SLURM's variables.
 - submitit's local executor, one task per device: like SLURM, but it sets only its own variables.
 
+Parallel jobs on one machine with several GPUs each claim a GPU of their own (`gpu_of_its_own`).
+
 What each rank holds alone (its random state, its shard's training-metric inputs) goes into a
 checkpoint for every rank (`every_rank`) and comes back to its own (`own_rank`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import read_write
+from omegaconf import DictConfig, read_write
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -83,3 +90,46 @@ def own_rank(states: list[T]) -> T:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     world_size, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
     return states[rank] if len(states) == world_size else states[0]
+
+
+# Where the jobs of sweeps and searches on one machine claim its GPUs, one lock file per GPU.
+GPU_CLAIMS = Path(tempfile.gettempdir()) / "mnist_lit-gpus"
+
+
+@contextmanager
+def claimed_gpu(count: int, claims: Path = GPU_CLAIMS) -> Iterator[int | None]:
+    """The first of `count` GPUs that no other job on this machine holds, held until the block ends;
+    None when every one is held (the job then shares GPU 0, as it would have anyway)."""
+    from filelock import FileLock, Timeout
+
+    claims.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        lock = FileLock(claims / f"{index}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue
+        try:
+            yield index
+        finally:
+            lock.release()
+        return
+    yield None
+
+
+@contextmanager
+def gpu_of_its_own(trainer: DictConfig) -> Iterator[None]:
+    """In a sweep's job on a machine with several GPUs, a job that asks for one GPU (trainer.devices=1)
+    gets one that no parallel job (hydra/launcher=joblib, or another search worker) holds, instead of
+    all of them sharing the first (trainer.devices=[k] while it runs)."""
+    asks_for_one = trainer.accelerator in ("gpu", "cuda", "auto") and trainer.devices in (1, "1")
+    count = torch.cuda.device_count() if asks_for_one else 0
+    if HydraConfig.get().mode != RunMode.MULTIRUN or count < 2:
+        yield
+        return
+    with claimed_gpu(count) as index:
+        if index is not None:
+            with read_write(trainer):
+                trainer.devices = [index]
+            log.info(f"GPU {index} of {count}: the first one no other job on this machine holds")
+        yield

@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> float | None:
     # Imported here, not at the top: a launcher that pickles this function (submitit) would import
     # them in its worker before Hydra sets up logging there, and Lightning's console output of the
     # DDP ranks would be lost.
-    from mnist_lit.distributed import distributed_job
+    from mnist_lit.distributed import distributed_job, gpu_of_its_own
     from mnist_lit.run import fit_and_test
     from mnist_lit.search import OBJECTIVE
     from mnist_lit.search.pruning import trial_pruning
@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> float | None:
     prepare_process()
     output_dir = Path(cfg.paths.output_dir)
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-    with reported_as_exit(), distributed_job():
+    with reported_as_exit(), distributed_job(), gpu_of_its_own(cfg.trainer):
         print_config_tree(cfg, output_dir)
         try:
             metrics = fit_and_test(cfg, callbacks=trial_pruning())

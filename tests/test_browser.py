@@ -1,7 +1,7 @@
-"""TensorBoard in a real browser: a tiny run's folder served by `tensorboard`, each dashboard opened
-in headless Chromium (Debian's chromium and chromium-driver packages, driven by Selenium) and
-checked for that run's content, not only for an answer from the server. The screenshots are saved
-in the test's temporary folder."""
+"""TensorBoard and optuna-dashboard in a real browser: a tiny run's folder served by `tensorboard` and a
+two-trial search's study by `optuna-dashboard`, each dashboard opened in headless Chromium (Debian's
+chromium and chromium-driver packages, driven by Selenium) and checked for that content, not only for an
+answer from the server. The screenshots are saved in the test's temporary folder."""
 
 from __future__ import annotations
 
@@ -154,3 +154,61 @@ def test_dashboard_shows_the_run(tensorboard: str, browser: webdriver.Chrome, da
         pytest.fail(f"{dashboard} did not render the run: {page.lines} lines, images {page.images}, text:\n{page.text}")
     finally:
         browser.save_screenshot(str(tmp_path / f"{dashboard}.png"))
+
+
+@pytest.fixture(scope="module")
+def dashboard(synthetic_mnist: SyntheticMNIST, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The address of optuna-dashboard (the `dashboard` extra) serving a two-trial search's study."""
+    pytest.importorskip("optuna_dashboard")
+    from tests.test_search import search
+
+    workdir = tmp_path_factory.mktemp("dashboard")
+    search(synthetic_mnist, workdir, workdir / "sweep", "hydra.sweeper.n_trials=2")
+    address = f"http://127.0.0.1:{free_port()}"
+    log = (workdir / "dashboard.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "optuna-dashboard"),
+            f"sqlite:///{workdir / 'sweep' / 'optuna.db'}",
+            *("--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, (workdir / "dashboard.log").read_text()
+            try:
+                urllib.request.urlopen(f"{address}/api/studies", timeout=5).close()
+                break
+            except OSError:  # not listening yet
+                time.sleep(0.5)
+        yield address
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_optuna_dashboard_shows_the_searchs_study_and_its_trials(
+    dashboard: str, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    browser.get("about:blank")
+    browser.get(f"{dashboard}/dashboard/studies/1/trials")
+
+    # The study by name, and its two trials with their state, the first one's parameters and value.
+    def shown(page: Page) -> bool:
+        lines = page.text.split("\n")
+        return (
+            {"mlp (id=1)", "Trial 0", "Trial 1", "model.lr"} <= set(lines)
+            and lines.count("Complete") >= 2
+            and "Value" in lines
+        )
+
+    try:
+        WebDriverWait(browser, 60, poll_frequency=0.5).until(lambda page: shown(Page(**page.execute_script(PAGE))))
+    except TimeoutException:
+        pytest.fail(f"optuna-dashboard did not show the study:\n{Page(**browser.execute_script(PAGE)).text}")
+    finally:
+        browser.save_screenshot(str(tmp_path / "optuna_dashboard.png"))

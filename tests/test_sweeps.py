@@ -4,9 +4,12 @@ by a signal or a kill goes on with resume=<sweep folder> to the numbers of one t
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from joblib.externals.loky import get_reusable_executor
 
 from mnist_lit.errors import ConfigError
 from mnist_lit.resume import expand_resume
-from tests.conftest import SyntheticMNIST, run_in_process
+from tests.conftest import PROJECT_ROOT, SyntheticMNIST, run_in_process
 from tests.test_reliability import RESUMABLE, comparable, read_metrics, start_training
 
 FAST = [*RESUMABLE, "logger=none", "callbacks.progress.mode=lines"]
@@ -268,3 +271,25 @@ def test_a_search_stopped_mid_trial_goes_on_from_that_trials_checkpoint_to_the_u
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 of 2 trials finished, 1 running (or left running: taken over once stale), 0 to run" in result.stdout
     assert values(sweep) == values(reference / "s")
+
+
+def test_parallel_jobs_each_claim_a_gpu_that_no_other_job_on_the_machine_holds(tmp_path: Path) -> None:
+    from mnist_lit.distributed import claimed_gpu
+
+    with claimed_gpu(2, tmp_path) as first, claimed_gpu(2, tmp_path) as second:
+        assert (first, second) == (0, 1)
+        with claimed_gpu(2, tmp_path) as third:
+            assert third is None  # all held: it shares, as it would have anyway
+    # Another process (a second search worker) holding GPU 0: this one gets GPU 1, then 0 once it ends.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from mnist_lit.distributed import claimed_gpu\n"
+         f"with claimed_gpu(2, __import__('pathlib').Path({str(tmp_path)!r})) as gpu:\n"
+         "    print(gpu, flush=True); input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "0"
+    with claimed_gpu(2, tmp_path) as gpu:
+        assert gpu == 1
+    holder.communicate("\n", timeout=30)
+    with claimed_gpu(2, tmp_path) as gpu:
+        assert gpu == 0
