@@ -80,16 +80,17 @@ def postgres() -> Iterator[tuple[str, str]]:
 
 
 # Trials of 3 epochs of 50 steps, long enough to kill a worker in the middle of one; stamps every half
-# second, taken over after 3 s of silence.
+# second, taken over after 8 s of silence (a loaded 2-core machine can stall a process for seconds).
 SHARED = [
     "hparams_search=optuna",
     "hydra.sweeper.study_name=shared",
     "hydra.sweeper.n_trials=9",
     "hydra.sweeper.heartbeat_interval=0.5",
-    "hydra.sweeper.grace_period=3",
+    "hydra.sweeper.grace_period=8",
     *FAST,
     "data.batch_size=10",
     "model.hidden=[16]",
+    "logger=tensorboard",  # a logger too, among what must never see the password
 ]
 
 
@@ -147,6 +148,13 @@ def check_study(study: optuna.Study, workdir: Path) -> None:
     assert list((taken_over / ".hydra").glob("resumed_*"))
     # Workers drew apart: nine different settings.
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 9
+    # The report of the three sweep folders lists every trial, with its state.
+    result = run_in_process(
+        "mnist_lit.report", *(str(workdir / f"w{n}") for n in range(3)), "--csv", "r.csv", cwd=workdir
+    )
+    assert result.returncode == 0, result.stderr
+    rows = (workdir / "r.csv").read_text().splitlines()[1:]
+    assert len(rows) == 9 and all(",completed," in row or ",pruned," in row for row in rows)
 
 
 @pytest.mark.slow
@@ -236,3 +244,35 @@ def test_a_search_whose_password_was_typed_asks_for_it_in_one_line_when_resumed(
         expand_resume([f"resume={tmp_path}"])
     monkeypatch.setenv("MNIST_LIT_STORAGE_PASSWORD", "s3cret")
     assert storage in expand_resume([f"resume={tmp_path}"])
+
+
+def test_a_stale_trial_whose_folder_is_out_of_reach_fails_and_runs_again_with_the_retry_flag(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    from optuna.distributions import FloatDistribution
+
+    from mnist_lit.search.storage import FOLDER, HEARTBEAT
+    from tests.test_search import SEARCH
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="mlp", storage=storage, direction="maximize")
+    # A trial a worker on another machine was running when it vanished: its folder is not here.
+    lost = study.ask({"model.lr": FloatDistribution(3e-4, 1e-2, log=True)})  # as conf/hparams_search/optuna.yaml
+    study._storage.set_trial_system_attr(lost._trial_id, FOLDER, "/another/machine/sweep/0")
+    study._storage.set_trial_system_attr(lost._trial_id, HEARTBEAT, 0.0)
+    result = run_in_process(
+        "mnist_lit.train",
+        *SEARCH,
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.retry_failed=true",
+        *synthetic_mnist.overrides(tmp_path / "data"),
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert "Trial 0: its folder /another/machine/sweep/0 is out of reach from here: failed" in result.stdout
+    trials = optuna.load_study(study_name="mlp", storage=storage).trials
+    assert [trial.state.name for trial in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].params["model.lr"] == lost.params["model.lr"] and trials[1].user_attrs == {"retry_of": 0}
+    # This worker's own trials all completed: the lost one was another worker's job.
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -122,11 +122,20 @@ class Heartbeats:
         self._thread = threading.Thread(target=self._run, name="trial heartbeats", daemon=True)
 
     def beat(self, trial_ids: Iterable[int], at: float | None = None) -> None:
-        """Stamp `trial_ids` now (or `at`); a trial that finished in the meantime is no longer stamped."""
+        """Stamp `trial_ids` now (or `at`); a trial that finished in the meantime is no longer stamped.
+
+        A trial another worker put back to WAITING (this one's stamps came late: a stalled machine)
+        is taken back before anyone asks for it; one already taken runs twice, and the first told wins."""
         from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
 
         for trial_id in list(trial_ids):
             try:
+                released = at is None and self.storage.get_trial(trial_id).state == TrialState.WAITING
+                if released and not self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    log.warning(f"Trial id {trial_id}: another worker took it over while this one ran it")
+                    self.trial_ids.discard(trial_id)
+                    continue
                 self.storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time() if at is None else at)
             except (UpdateFinishedTrialError, KeyError):
                 self.trial_ids.discard(trial_id)

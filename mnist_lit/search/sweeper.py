@@ -373,6 +373,9 @@ def tell(study: optuna.Study, number: int, job: JobReturn, folder: Path) -> None
     if trial.state == TrialState.PRUNED:  # the job's pruning callback has already told the study
         log.info(f"Trial {number} pruned: {described}")
         return
+    if trial.state.is_finished():  # taken over while its stamps were late (a stalled machine) and told first
+        log.warning(f"Trial {number} was finished by another worker meanwhile ({trial.state.name}): kept as it is")
+        return
     value = job.return_value if job.status == JobStatus.COMPLETED else None
     if isinstance(value, int | float) and math.isfinite(value):
         study.tell(number, float(value))
