@@ -14,6 +14,7 @@ import random
 import runpy
 import secrets
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -85,6 +86,13 @@ def synthetic_mnist(tmp_path_factory: pytest.TempPathFactory) -> SyntheticMNIST:
             (mirror / f"{MNIST_FILES[key]}.gz").write_bytes(gzip.compress(payload))
     sha256 = {key: hashlib.sha256(payload).hexdigest() for key, payload in payloads.items()}
     return SyntheticMNIST(mirror=mirror, sha256=sha256, train_size=600, test_size=200)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now, for a server a test starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_module(module: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:

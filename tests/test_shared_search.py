@@ -10,9 +10,7 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,8 @@ optuna = pytest.importorskip("optuna")
 
 from mnist_lit.provenance import masked  # noqa: E402
 from mnist_lit.search.storage import password_to_environment  # noqa: E402
-from tests.conftest import PROJECT_ROOT, SyntheticMNIST, run_in_process  # noqa: E402
+from tests.conftest import SyntheticMNIST, free_port, run_in_process  # noqa: E402
+from tests.test_reliability import start_training  # noqa: E402
 from tests.test_sweeps import FAST  # noqa: E402
 
 
@@ -32,12 +31,6 @@ def unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"PostgreSQL did not start on CI: {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -94,26 +87,13 @@ SHARED = [
 ]
 
 
-def start_worker(args: list[str], cwd: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HYDRA_FULL_ERROR": "0"}
-    env.pop("MNIST_MIRROR", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "mnist_lit.train", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def run_three_workers(storage: str, synthetic: SyntheticMNIST, workdir: Path) -> list[str]:
     """Three workers on one study, each with its own sweep folder; worker 0 is killed (SIGKILL) once
     its first trial has ended an epoch. Returns each worker's output."""
     data = synthetic.overrides(workdir / "data")
     workers = [
-        start_worker(
-            [*SHARED, f"hydra.sweeper.storage={storage}", *data, f"hydra.sweep.dir={workdir / f'w{n}'}"], workdir
+        start_training(
+            *SHARED, f"hydra.sweeper.storage={storage}", *data, f"hydra.sweep.dir={workdir / f'w{n}'}", cwd=workdir
         )
         for n in range(3)
     ]
