@@ -104,10 +104,20 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     return {key: value for key, value in params.items() if not key.startswith("data.sha256")}
 
 
+# TensorBoard's CUSTOM SCALARS tab: train and val of each metric on one chart, where the gap between
+# the curves shows over- or underfitting (beside SCALARS' chart per tag). Tags are regular expressions.
+TRAIN_AGAINST_VAL = {
+    "train against val": {
+        metric: ["Multiline", [f"^train/{metric}$", f"^val/{metric}$"]] for metric in ("loss", "acc", "f1")
+    }
+}
+
+
 def log_hyperparameters(loggers: dict[str, Logger], cfg: DictConfig) -> None:
     """Give every logger the run's hyperparameters (on global rank 0 only). TensorBoard's HPARAMS tab
     also gets the metrics to compare runs on; their values come from the scalars the run logs, so no
-    placeholder points appear in the charts."""
+    placeholder points appear in the charts. TensorBoard also gets the layout of its CUSTOM SCALARS tab
+    (`TRAIN_AGAINST_VAL`)."""
     params = hyperparameters(cfg)
     for key, logger in loggers.items():
         if isinstance(logger, TensorBoardLogger):
@@ -116,6 +126,7 @@ def log_hyperparameters(loggers: dict[str, Logger], cfg: DictConfig) -> None:
             writer = logger.experiment._get_file_writer()
             for summary in hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0)):
                 writer.add_summary(summary)
+            logger.experiment.add_custom_scalars(TRAIN_AGAINST_VAL)
             continue
         try:
             logger.log_hyperparams(params)

@@ -96,10 +96,16 @@ def trainer_arguments(trainer: DictConfig) -> dict[str, Any]:
 
 
 def build_callbacks(
-    callbacks: DictConfig, has_logger: bool, batches_per_call: int = 1, validates: bool = True
+    callbacks: DictConfig,
+    has_logger: bool,
+    batches_per_call: int = 1,
+    validates: bool = True,
+    set_by_user: frozenset[str] = frozenset(),
 ) -> list[Callback]:
     """The callbacks of `callbacks.*`, by name; those that watch a metric must watch one the model
-    logs, and without validation (`validates` false: data.val_size=0) not a `val/` one."""
+    logs. Without validation (`validates` false: data.val_size=0) none may watch a `val/` one: a
+    checkpoint callback whose monitor the user did not set (`set_by_user`, the keys of the command
+    line) is left out, and the run tests its last epoch; any other is refused."""
     built: list[Callback] = []
     stoppers: list[str] = []  # the names of early-stopping callbacks
     for name, node in callbacks.items():
@@ -128,6 +134,13 @@ def build_callbacks(
                 "over it: use every_n_epochs or train_time_interval, or data.batches_per_call=1",
             )
         if not validates and isinstance(monitor, str) and monitor.startswith("val/"):
+            if isinstance(callback, ModelCheckpoint) and f"callbacks.{name}.monitor" not in set_by_user:
+                # The configured best checkpoint, not a choice of the user's: it follows data.val_size=0.
+                log.info(
+                    f"data.val_size=0: no validation to choose a best checkpoint by, so callbacks.{name} is off "
+                    "and the run tests its last epoch"
+                )
+                continue
             # Lightning would fail after the first epoch, or (early stopping) never stop.
             raise refused(
                 f"callbacks.{name}.monitor",
@@ -148,6 +161,15 @@ def build_callbacks(
             f"which an early stop skips: remove one of them (~callbacks.{stoppers[0]})",
         )
     return built
+
+
+def keys_on_command_line() -> frozenset[str]:
+    """The config keys the command line of this Hydra job sets (none outside Hydra, e.g. compose())."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return frozenset()
+    return frozenset(override.split("=", 1)[0].lstrip("+~") for override in HydraConfig.get().overrides.task)
 
 
 def take_step_settings(kwargs: dict[str, Any]) -> StepSettings:
@@ -195,7 +217,11 @@ def build_trainer(
     loggers = list(build_loggers(cfg.logger).values())
     callbacks = [
         *build_callbacks(
-            cfg.callbacks, has_logger=bool(loggers), batches_per_call=cfg.data.batches_per_call, validates=validates
+            cfg.callbacks,
+            has_logger=bool(loggers),
+            batches_per_call=cfg.data.batches_per_call,
+            validates=validates,
+            set_by_user=keys_on_command_line(),
         ),
         # Not config entries: exact resume (resume=) and a complete metrics.json depend on them.
         GracefulStop(ckpt_path=output_dir / "checkpoints" / "last.ckpt", timeout_min=cfg.timeout_min),

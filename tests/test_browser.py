@@ -114,6 +114,12 @@ RUN = "tensorboard"  # the run's name ends with its folder: runs/<time>_<tag>/te
 DASHBOARDS: dict[str, Callable[[Page], bool]] = {
     # The curves of the tags the run logs; the 2 epochs of `epoch` are a line.
     "scalars": lambda page: {"test/acc", "test/loss", "epoch"} <= set(page.text.split("\n")) and page.lines >= 1,
+    # Train against val on one chart per metric: two tags matched and drawn in each.
+    "custom_scalars": lambda page: (
+        {"train against val", "loss", "acc", "f1"} <= set(page.text.split("\n"))
+        and page.text.replace("\n", " ").count("Matches (2)") == 3
+        and page.lines >= 6
+    ),
     # The run as a row, with its hyperparameters and metrics as columns.
     "hparams": lambda page: all(name in page.text for name in ("model.lr", "val/acc_best", f"/{RUN}")),
     # The test report's figures and the first layer's weights, decoded at their sizes.

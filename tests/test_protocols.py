@@ -24,7 +24,7 @@ from mnist_lit.errors import ConfigError
 from mnist_lit.model import recompute_batch_norm_statistics
 from mnist_lit.module import DecayLastThird
 from mnist_lit.resume import expand_resume
-from tests.conftest import CONF_DIR, FAST_TRAIN, SyntheticMNIST, run_module
+from tests.conftest import CONF_DIR, FAST_TRAIN, SyntheticMNIST, run_in_process, run_module
 
 register()
 
@@ -78,25 +78,43 @@ def test_debug_runs_that_set_their_own_validation_limit_validate_nothing_either(
     assert validation.epochs == 0 and metrics["validation"] is False and metrics["status"] == "completed"
 
 
+def test_val_size_0_alone_trains_on_all_images_and_the_default_checkpointing_follows(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    result = run_in_process(
+        "mnist_lit.train", *FAST_TRAIN, "logger=none", *synthetic_mnist.overrides(tmp_path / "data"),
+        "data.val_size=0", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        "data.val_size=0: no validation to choose a best checkpoint by, so callbacks.model_checkpoint is off and "
+        "the run tests its last epoch"
+    ) in result.stdout
+    (run,) = (tmp_path / "outputs" / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["validation"] is False and metrics["ckpt_path"] == str(run / "checkpoints" / "last.ckpt")
+    assert metrics["status"] == "completed" and metrics["test/acc"] > 0.9
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
-        ([], "callbacks.model_checkpoint.monitor='val/acc'"),
+        (["callbacks.model_checkpoint.monitor=val/acc"], "callbacks.model_checkpoint.monitor='val/acc'"),
         (["callbacks=early_stopping", "~callbacks.model_checkpoint"], "callbacks.early_stopping.monitor='val/acc'"),
     ],
 )
-def test_watching_a_val_metric_without_validation_is_refused_before_any_work(
+def test_watching_a_val_metric_the_user_chose_without_validation_is_refused_before_any_work(
     synthetic_mnist: SyntheticMNIST, tmp_path: Path, overrides: list[str], key: str
 ) -> None:
-    cfg = compose_train(tmp_path / "run", synthetic_mnist, "data.val_size=0", *overrides)
-    with pytest.raises(ConfigError) as error:
-        experiment.build_run(cfg)
+    data = synthetic_mnist.overrides(tmp_path / "data")
+    result = run_in_process("mnist_lit.train", *data, "data.val_size=0", *overrides, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
     name = key.split(".monitor")[0]
-    assert str(error.value) == (
-        f"{key} is not allowed: data.val_size=0 holds out no validation images to measure it on; remove the "
-        f"callback with ~{name} (the run then tests its last epoch), or monitor a train/ metric."
+    assert result.stderr.splitlines()[-1] == (
+        f"error: {key} is not allowed: data.val_size=0 holds out no validation images to measure it on; remove "
+        f"the callback with ~{name} (the run then tests its last epoch), or monitor a train/ metric."
     )
-    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+    assert not (tmp_path / "data").exists() and not list((tmp_path / "outputs" / "runs").iterdir())  # no run folder
 
 
 def test_without_validation_a_train_metric_may_still_be_watched(
