@@ -263,6 +263,38 @@ def markdown_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pareto_front(runs: Iterable[Run], metric: str = "val/acc_best") -> list[Run]:
+    """The completed runs no other beats on both `metric` (higher) and parameters (fewer): the
+    trade-off of accuracy against size, fewest parameters first."""
+    points = [run for run in runs if run.status == "completed" and run.metric(metric) is not None]
+    front = [
+        run
+        for run in points
+        if not any(
+            other.metric(metric) >= run.metric(metric)  # type: ignore[operator]
+            and other.params <= run.params
+            and (other.metric(metric), -other.params) != (run.metric(metric), -run.params)
+            for other in points
+        )
+    ]
+    return sorted(front, key=lambda run: (run.params, run.path))
+
+
+def pareto_table(front: Sequence[Run], metric: str = "val/acc_best") -> str:
+    """The Pareto front as a Markdown table: each run's size, `metric`, and its test accuracy (shown,
+    never chosen on)."""
+    lines = [
+        f"Pareto front of {metric} against parameters ({len(front)} runs):",
+        "",
+        f"| run | hidden | params | {metric} | test/acc |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for run in front:
+        cells = [_display_path(run.path), str(run.hidden), f"{run.params:,}", _fmt(run.metric(metric))]
+        lines.append(_markdown_row([*cells, run.metric_cell("test/acc")]))
+    return "\n".join(lines) + "\n"
+
+
 def _replace_atomically(path: Path, write: Any) -> None:
     """Call `write(partial_path)`, then move the finished file to `path`."""
     if not path.parent.is_dir():
@@ -302,8 +334,9 @@ def write_csv(runs: Sequence[Run], path: Path) -> None:
     _replace_atomically(path, write)
 
 
-def plot(runs: Sequence[Run], path: Path, metric: str = "test/acc") -> int:
-    """A PNG of `metric` against parameter count (log scale) for the completed runs; returns how many."""
+def plot(runs: Sequence[Run], path: Path, metric: str = "test/acc", front: Sequence[Run] = ()) -> int:
+    """A PNG of `metric` against parameter count (log scale) for the completed runs, the runs of
+    `front` (a Pareto front) marked and joined; returns how many runs it drew."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,6 +351,17 @@ def plot(runs: Sequence[Run], path: Path, metric: str = "test/acc") -> int:
     for run in points:
         label = "-".join(map(str, run.hidden)) or "softmax"
         axes.annotate(label, (run.params, run.metric(metric)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    marked = [run for run in front if run.metric(metric) is not None]
+    if marked:
+        front_style = {"color": "tab:red", "markerfacecolor": "none", "markersize": 9}
+        axes.plot(
+            [run.params for run in marked],
+            [run.metric(metric) for run in marked],
+            "o-",
+            label="Pareto front (val/acc_best against parameters)",
+            **front_style,
+        )
+        axes.legend(fontsize=8, loc="best")
     axes.set(xscale="log", xlabel="parameters", ylabel=metric, title=f"{metric} against model size")
     # Short labels (120k, 1.2M) on the minor ticks too: a narrow range has no major tick to label.
     for axis_formatter in (axes.xaxis.set_major_formatter, axes.xaxis.set_minor_formatter):
@@ -483,7 +527,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--plot", type=Path, metavar="FILE", help="also draw a metric against parameter count into this PNG file"
     )
     parser.add_argument(
-        "--plot-metric", default="test/acc", metavar="KEY", help="the metric --plot draws (default: test/acc)"
+        "--plot-metric",
+        metavar="KEY",
+        help="the metric --plot draws (default: test/acc; with --pareto, val/acc_best, the front's own)",
+    )
+    parser.add_argument(
+        "--pareto",
+        action="store_true",
+        help="also print the Pareto front of val/acc_best against parameter count (the runs no other beats on "
+        "both), and mark it in --plot: what a search of several objectives "
+        "(hydra.sweeper.objectives=[val/acc_best,model/params]) trades off",
     )
     by = parser.add_mutually_exclusive_group()
     by.add_argument(
@@ -532,8 +585,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.csv:
             write_csv(runs, args.csv)
             print(f"\nCSV: {args.csv}")
+        front = pareto_front(runs) if args.pareto else []
+        if args.pareto:
+            print("\n" + pareto_table(front), end="")
         if args.plot:
-            count = plot(runs, args.plot, args.plot_metric)
+            metric = args.plot_metric or ("val/acc_best" if args.pareto else "test/acc")
+            count = plot(runs, args.plot, metric, front)
             print(f"Plot of {count} completed runs: {args.plot}")
 
 

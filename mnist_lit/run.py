@@ -396,7 +396,8 @@ def _fit_and_test(cfg: DictConfig, callbacks: Sequence[Callback]) -> dict[str, A
         trainer,
         output_dir,
         status,
-        metrics={**metrics, **tested},
+        # model/params: what a search may trade accuracy against (hydra.sweeper.objectives).
+        metrics={**metrics, **tested, "model/params": sum(parameter.numel() for parameter in model.parameters())},
         fit_seconds=round(fit_seconds, 2),
         threads=torch.get_num_threads(),
     )

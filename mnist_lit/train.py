@@ -18,13 +18,13 @@ register()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mnist_lit.conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> object:
     # Imported here, not at the top: a launcher that pickles this function (submitit) would import
     # them in its worker before Hydra sets up logging there, and Lightning's console output of the
     # DDP ranks would be lost.
     from mnist_lit.distributed import distributed_job, gpu_of_its_own
     from mnist_lit.run import fit_and_test
-    from mnist_lit.search import OBJECTIVE
+    from mnist_lit.search import returned_objectives
     from mnist_lit.search.pruning import trial_pruning
     from mnist_lit.startup import prepare_process
     from mnist_lit.sweep import record_failed_job
@@ -47,8 +47,8 @@ def main(cfg: DictConfig) -> float | None:
             if isinstance(error, MnistLitError):
                 remove_unused_run_folder(output_dir)
             raise
-    # Sweepers (e.g. Optuna) optimize what the task returns: a validation metric, never a test one.
-    return metrics.get(OBJECTIVE)
+    # Sweepers (e.g. Optuna) optimize what the task returns: validation metrics or the model's size, never a test one.
+    return returned_objectives(metrics)
 
 
 def print_config_tree(cfg: DictConfig, output_dir: Path) -> None:

@@ -189,3 +189,49 @@ def test_a_later_plain_override_takes_a_key_out_of_the_search() -> None:
 def test_glob_sweeps_are_refused_with_a_hint() -> None:
     with pytest.raises(ConfigError, match=r"choice\(\.\.\.\)"):
         parse_search_space(["experiment=glob(*)"])
+
+
+MULTI = ["hydra.sweeper.direction=[maximize,minimize]", "hydra.sweeper.objectives=[val/acc_best,model/params]"]
+
+
+def test_a_search_of_several_objectives_keeps_the_pareto_front_and_the_report_shows_it(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path
+) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = search(synthetic_mnist, tmp_path, sweep_dir, "hydra.sweeper.n_trials=3", *MULTI)
+    output = result.stdout + result.stderr
+    assert "Objective: maximize val/acc_best, minimize model/params" in output
+    assert "Several objectives: Optuna cannot prune them, so the preset's pruner is off" in output
+    study = load(sweep_dir)
+    assert len(study.directions) == 2 and len(study.trials) == 3
+    for trial in study.trials:
+        metrics = job_metrics(sweep_dir, trial.number)
+        assert trial.values == [metrics["val/acc_best"], metrics["model/params"]]
+    front = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())["pareto_front"]
+    assert sorted(entry["trial"] for entry in front) == sorted(trial.number for trial in study.best_trials)
+
+    result = run_in_process(
+        "mnist_lit.report", str(sweep_dir), "--pareto", "--plot", str(tmp_path / "front.png"), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    table = result.stdout[result.stdout.index("Pareto front of val/acc_best against parameters") :].splitlines()
+    rows = [line for line in table if line.startswith("| ") and not line.startswith("| run")]
+    assert len(rows) == len(study.best_trials)
+    assert (tmp_path / "front.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([*MULTI, "hydra.sweeper.pruner={_target_:optuna.pruners.MedianPruner}"], "Optuna cannot prune a search"),
+        (["hydra.sweeper.objectives=[test/acc]"], "'test/acc' is not what a search may judge by"),
+        (["hydra.sweeper.objectives=[val/acc_best,model/params]"], "give one direction, maximize or minimize, for"),
+    ],
+    ids=["explicit-pruner", "test-metric", "directions"],
+)
+def test_objectives_a_search_cannot_use_are_refused_in_one_line(
+    synthetic_mnist: SyntheticMNIST, tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    result = run_in_process("mnist_lit.train", *SEARCH, *overrides, f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

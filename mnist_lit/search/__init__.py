@@ -27,3 +27,24 @@ at every start (before a job sets up its logging), and installs without the `sea
 
 # What a training job returns to the sweeper, and so what a search optimizes: a validation metric.
 OBJECTIVE = "val/acc_best"
+
+# What a search may optimize besides val/ metrics: the model's size and the fit's seconds (metrics.json).
+# Never a test metric.
+OTHER_OBJECTIVES = ("model/params", "fit_seconds")
+
+
+def job_objectives() -> list[str]:
+    """The metrics this job's sweeper optimizes (`hydra.sweeper.objectives` of the Optuna sweeper), in
+    order; `OBJECTIVE` alone for any other sweeper, or a single run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return [OBJECTIVE]
+    return list(HydraConfig.get().sweeper.get("objectives") or [OBJECTIVE])
+
+
+def returned_objectives(metrics: dict[str, object]) -> object:
+    """What the job returns to its sweeper: the value of `OBJECTIVE`, or the list of the values of
+    several objectives (a multi-objective search)."""
+    values = [metrics.get(key) for key in job_objectives()]
+    return values[0] if len(values) == 1 else values

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from mnist_lit.config import quoted, resumed_in_place
 from mnist_lit.errors import ConfigError, reported_as_exit
 from mnist_lit.provenance import masked
-from mnist_lit.search import OBJECTIVE
+from mnist_lit.search import OBJECTIVE, OTHER_OBJECTIVES
 from mnist_lit.search.storage import FOLDER, Heartbeats, open_storage, release_stale_trials
 from mnist_lit.sweep import (
     JobOutcome,
@@ -50,7 +50,11 @@ class OptunaSweeperConf:
     _target_: str = "hydra_plugins.mnist_lit_optuna.OptunaSweeper"
     # The sweeper builds the sampler itself, once it knows how many trials the study already has.
     _recursive_: bool = False
-    direction: str = "maximize"  # of what the task returns: mnist_lit.train returns OBJECTIVE
+    # maximize or minimize, one for each of `objectives` ([maximize, minimize]: a Pareto front).
+    direction: Any = "maximize"
+    # What the trials are judged by, from each job's metrics.json: val/ metrics, model/params,
+    # fit_seconds; never a test metric. Several: the study keeps the Pareto front of them.
+    objectives: list[str] = field(default_factory=lambda: [OBJECTIVE])
     study_name: str = "search"
     # An SQLAlchemy URL. The jobs open it too, to report to their trial.
     storage: str | None = "sqlite:///${hydra.sweep.dir}/optuna.db"
@@ -135,7 +139,7 @@ class OptunaSweeper(Sweeper):
 
     def __init__(
         self,
-        direction: str,
+        direction: str | list[str],
         study_name: str,
         storage: str | None,
         n_trials: int,
@@ -145,12 +149,13 @@ class OptunaSweeper(Sweeper):
         monitor: str,  # read by the jobs (trial_pruning)
         max_failure_rate: float,
         params: DictConfig,
+        objectives: Sequence[str] = (OBJECTIVE,),
         retry_failed: bool = False,
         heartbeat_interval: float = 30.0,
         grace_period: float = 120.0,
         trial: int | None = None,  # set in the jobs' configs only
     ) -> None:
-        self.direction = direction
+        self.directions = [direction] if isinstance(direction, str) else [str(item) for item in direction]
         self.study_name = study_name
         self.storage = storage
         self.n_trials = n_trials
@@ -159,6 +164,7 @@ class OptunaSweeper(Sweeper):
         self.pruner = pruner
         self.max_failure_rate = max_failure_rate
         self.retry_failed = retry_failed
+        self.objectives = [str(key) for key in objectives]
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self.params = {str(key): str(value) for key, value in params.items()}
@@ -169,7 +175,35 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
+    def _check_objectives(self) -> None:
+        """Objectives a search may judge by, a direction for each, and no pruner where Optuna cannot
+        prune (several objectives): the preset's turns off with one line, one the user set is refused."""
+        if len(self.directions) != len(self.objectives) or not set(self.directions) <= {"maximize", "minimize"}:
+            raise ConfigError(
+                f"hydra.sweeper.direction={self.directions} for hydra.sweeper.objectives={self.objectives}: give one "
+                "direction, maximize or minimize, for each objective"
+            )
+        for key in self.objectives:
+            if not (key.startswith("val/") or key in OTHER_OBJECTIVES):
+                raise ConfigError(
+                    f"hydra.sweeper.objectives: {key!r} is not what a search may judge by: use val/ metrics, "
+                    f"{' or '.join(OTHER_OBJECTIVES)} (a search never selects on test)"
+                )
+        if len(self.objectives) == 1 or self.pruner is None:
+            return
+        set_by_user = any(
+            override.lstrip("+~").startswith("hydra.sweeper.pruner") for override in self.config.hydra.overrides.hydra
+        )
+        if set_by_user:
+            raise ConfigError(
+                "hydra.sweeper.pruner: Optuna cannot prune a search of several objectives; "
+                "remove the pruner (hydra.sweeper.pruner=null)"
+            )
+        log.info("Several objectives: Optuna cannot prune them, so the preset's pruner is off")
+        self.pruner = None
+
     def _check(self, space: dict[str, BaseDistribution]) -> None:
+        self._check_objectives()
         if not space:
             raise ConfigError(
                 "nothing to search: hydra.sweeper.params is empty and no override sweeps a value. "
@@ -217,12 +251,15 @@ class OptunaSweeper(Sweeper):
 
         storage = open_storage(self.storage) if self.storage is not None else None
         study = optuna.create_study(
-            study_name=self.study_name, storage=storage, direction=self.direction, load_if_exists=True
+            study_name=self.study_name, storage=storage, directions=self.directions, load_if_exists=True
         )
         if self.retry_failed:
             retry_failed_trials(study)
         counts = trial_counts(study)
-        log.info(f"Objective: {self.direction} {OBJECTIVE}, what mnist_lit.train returns (never a test metric).")
+        judged = ", ".join(
+            f"{direction} {key}" for direction, key in zip(self.directions, self.objectives, strict=True)
+        )
+        log.info(f"Objective: {judged}, what mnist_lit.train returns (never a test metric).")
         running, to_run = counts["running"], max(self.n_trials - counts["finished"] - counts["running"], 0)
         log.info(
             f"Study {self.study_name!r} in {masked(str(self.storage))}: {counts['finished']} of {self.n_trials} "
@@ -292,6 +329,8 @@ class OptunaSweeper(Sweeper):
         jobs = []
         for trial in list(trials):
             job = [*fixed, *trial_overrides(trial), f"hydra.sweeper.trial={trial.number}"]
+            if self.pruner is None:  # turned off here for several objectives: the jobs must not prune either
+                job.append("hydra.sweeper.pruner=null")
             recorded = study._storage.get_trial_system_attrs(trial._trial_id).get(FOLDER)
             folder = Path(recorded) if recorded else sweep_dir / str(trial.number)
             last = folder / "checkpoints" / "last.ckpt"
@@ -377,9 +416,10 @@ def tell(study: optuna.Study, number: int, job: JobReturn, folder: Path) -> None
         log.warning(f"Trial {number} was finished by another worker meanwhile ({trial.state.name}): kept as it is")
         return
     value = job.return_value if job.status == JobStatus.COMPLETED else None
-    if isinstance(value, int | float) and math.isfinite(value):
-        study.tell(number, float(value))
-        log.info(f"Trial {number}: {value:.4f}  {described}")
+    values = value if isinstance(value, list) else [value]
+    if all(isinstance(item, int | float) and math.isfinite(item) for item in values):
+        study.tell(number, [float(item) for item in values] if isinstance(value, list) else float(value))
+        log.info(f"Trial {number}: {' '.join(f'{item:.4g}' for item in values)}  {described}")
         return
     status, reason = job_status(folder)
     if status == "completed":
@@ -394,7 +434,13 @@ def save_results(study: optuna.Study, path: Path) -> None:
 
     counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,))) for state in TrialState}
     results: dict[str, Any] = {"study_name": study.study_name, "trials": counts}
-    if counts["complete"]:
+    if counts["complete"] and len(study.directions) > 1:
+        front = sorted(study.best_trials, key=lambda trial: trial.number)
+        results["pareto_front"] = [{"trial": t.number, "values": t.values, "params": t.params} for t in front]
+        log.info(
+            f"Pareto front: trials {', '.join(str(t.number) for t in front)} (python -m mnist_lit.report --pareto)"
+        )
+    elif counts["complete"]:
         best = study.best_trial
         results.update(best_trial=best.number, best_value=best.value, best_params=best.params)
         log.info(f"Best: trial {best.number} (job folder {path.parent / str(best.number)}), {best.value:.4f}")
