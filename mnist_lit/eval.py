@@ -56,6 +56,11 @@ def main(cfg: DictConfig) -> None:
         evaluate(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`mnist-eval`, as `python -m mnist_lit.eval`."""
     main()
     exit_without_collecting_garbage()
+
+
+if __name__ == "__main__":
+    cli()

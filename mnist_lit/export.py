@@ -171,6 +171,11 @@ def main(cfg: DictConfig) -> None:
         export(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`mnist-export`, as `python -m mnist_lit.export`."""
     main()
     exit_without_collecting_garbage()
+
+
+if __name__ == "__main__":
+    cli()

@@ -181,6 +181,11 @@ def main(cfg: DictConfig) -> None:
         predict(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`mnist-predict`, as `python -m mnist_lit.predict`."""
     main()
     exit_without_collecting_garbage()
+
+
+if __name__ == "__main__":
+    cli()

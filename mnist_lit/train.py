@@ -72,7 +72,9 @@ def print_config_tree(cfg: DictConfig, output_dir: Path) -> None:
     rich_print(f"[bold]outputs:[/bold] {output_dir}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`mnist-train`, as `python -m mnist_lit.train`: resume= and a typed storage password are handled
+    before Hydra sees the arguments."""
     from mnist_lit.resume import expand_resume
     from mnist_lit.search.storage import password_to_environment
     from mnist_lit.speed import exit_without_collecting_garbage
@@ -81,3 +83,7 @@ if __name__ == "__main__":
         sys.argv[1:] = expand_resume(password_to_environment(sys.argv[1:]))
     main()
     exit_without_collecting_garbage()
+
+
+if __name__ == "__main__":
+    cli()

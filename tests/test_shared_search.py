@@ -72,14 +72,14 @@ def postgres() -> Iterator[tuple[str, str]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# Trials of 3 epochs of 50 steps, long enough to kill a worker in the middle of one; stamps every half
-# second, taken over after 8 s of silence (a loaded 2-core machine can stall a process for seconds).
+# Trials of 2 epochs of 50 steps, long enough to kill a worker in the middle of one; stamps every half
+# second, taken over after 5 s of silence (a loaded 2-core machine can stall a process for seconds).
 SHARED = [
     "hparams_search=optuna",
     "hydra.sweeper.study_name=shared",
     "hydra.sweeper.n_trials=9",
     "hydra.sweeper.heartbeat_interval=0.5",
-    "hydra.sweeper.grace_period=8",
+    "hydra.sweeper.grace_period=5",
     *FAST,
     "data.batch_size=10",
     "model.hidden=[16]",

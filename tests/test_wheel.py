@@ -122,6 +122,27 @@ def test_wheel_carries_every_config_and_the_plugin(installed: InstalledWheel) ->
     assert {"mnist_lit/conf/experiment/best_mlp.yaml", "mnist_lit/conf/hydra/launcher/slurm.yaml"} <= configs
     assert configs <= names, sorted(configs - names)
     assert {"mnist_lit/conf/__init__.py", "mnist_lit/train.py", "hydra_plugins/mnist_lit_optuna.py"} <= names
+    # The commands as console scripts, beside the `python -m` forms.
+    scripts = {
+        line.split(" = ")[0]: line.split(" = ")[1]
+        for line in zipfile.ZipFile(installed.wheel)
+        .read(f"{installed.wheel.name.split('-')[0]}-0.0.dist-info/entry_points.txt")
+        .decode()
+        .splitlines()
+        if " = " in line
+    }
+    assert scripts == {
+        "mnist-train": "mnist_lit.train:cli",
+        "mnist-eval": "mnist_lit.eval:cli",
+        "mnist-predict": "mnist_lit.predict:cli",
+        "mnist-export": "mnist_lit.export:cli",
+        "mnist-report": "mnist_lit.report:main",
+    }
+    report = subprocess.run(
+        [str(installed.site / "bin" / "mnist-report"), "--help"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(installed.site)},
+    )  # fmt: skip
+    assert report.returncode == 0 and report.stdout.startswith("usage: "), report.stdout + report.stderr
     # setuptools warns of each shipped folder missing from pyproject.toml's `packages` (a new config group).
     assert "is absent from the `packages` configuration" not in installed.build_log
     # Only the two packages and the metadata land in site-packages: no stray top-level `conf`.

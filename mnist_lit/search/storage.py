@@ -50,7 +50,7 @@ def open_storage(url: str) -> BaseStorage:
     """The Optuna storage `url` names, connected: one line naming hydra.sweeper.storage and what to
     fix when the scheme is unknown, the driver missing, the server unreachable or the password wrong."""
     import optuna
-    from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
+    from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, ProgrammingError, SQLAlchemyError
 
     def refused(problem: str) -> ConfigError:
         return ConfigError(f"hydra.sweeper.storage={masked(url)}: {problem}")
@@ -69,9 +69,9 @@ def open_storage(url: str) -> BaseStorage:
         while True:
             try:
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-            except IntegrityError:
-                # Workers started together on a new database all create Optuna's tables; one wins and
-                # the others find them there when they try again.
+            except (IntegrityError, ProgrammingError):
+                # Workers started together on a new database all create Optuna's tables ("duplicate key",
+                # "relation already exists"); one wins and the others find them there when they try again.
                 tries += 1
                 if tries == 3:
                     raise
