@@ -12,7 +12,7 @@ PARALLEL ?= -n auto --maxprocesses=4 --dist loadfile
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install train test test-fast sweep search dashboard report results bench predict export tensorboard lint format clean
+.PHONY: help install train test test-fast sweep search dashboard report results bench answers schemas predict export tensorboard lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -68,6 +68,12 @@ export: $(VENV)/.installed-onnx  ## make export ARGS="ckpt_path=... output=model
 
 bench: $(INSTALLED)  ## epoch times of mnist_lit vs the classic pipeline, a plain loop, NumPy; e.g. ARGS="--repeats 3"
 	$(PYTHON) -m mnist_lit.bench --whole-runs 3 --json outputs/bench.json $(ARGS)
+
+answers: $(INSTALLED)  ## how fast --help, --cfg job, a refused setting and a Tab answer: 5 interleaved rounds
+	$(PYTHON) -m mnist_lit.bench --answers 5 --json outputs/answers.json
+
+schemas: $(INSTALLED)  ## regenerate mnist_lit/schemas.json, the config schemas, from the constructors' signatures
+	$(PYTHON) -m mnist_lit.schemas
 
 tensorboard: $(INSTALLED)  ## TensorBoard over every run under outputs/
 	$(VENV)/bin/tensorboard --logdir outputs

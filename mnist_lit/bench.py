@@ -295,6 +295,58 @@ def time_startup(repeats: int) -> dict[str, float]:
     return {name: round(statistics.median(values), 3) for name, values in seconds.items()}
 
 
+# What a user asks many times a day, each answered by a whole `mnist-train` process: arguments, and
+# for a Tab the command line typed so far (README, Instant answers).
+ANSWERS = {
+    "--help": (["--help"], None),
+    "--cfg job": (["--cfg", "job"], None),
+    "misspelt key (model.hiden=[64])": (["model.hiden=[64]"], None),
+    "mistyped value (model.lr=fast)": (["model.lr=fast"], None),
+    "refused choice (model.optimizer=rmsprop)": (["model.optimizer=rmsprop"], None),
+    "Tab after model.act": (["-sc", "query=bash"], "mnist-train model.act"),
+    "Tab after experiment=": (["-sc", "query=bash"], "mnist-train experiment="),
+}
+
+
+def time_answers(repeats: int) -> dict[str, Any]:
+    """Wall seconds of each of `ANSWERS` as a whole process, in `repeats` interleaved rounds."""
+    from mnist_lit.speed import cpu_flags
+
+    command = Path(sys.executable).with_name("mnist-train")
+    seconds: dict[str, list[float]] = {name: [] for name in ANSWERS}
+    load_before = [round(load, 2) for load in os.getloadavg()]
+    for _ in range(repeats):
+        for name, (args, typed) in ANSWERS.items():
+            env = {**os.environ, **({"COMP_LINE": typed, "COMP_POINT": str(len(typed))} if typed else {})}
+            started = time.perf_counter()
+            subprocess.run([str(command), *args], env=env, capture_output=True, check=False)
+            seconds[name].append(time.perf_counter() - started)
+    flags = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & cpu_flags())
+    return {
+        "machine": {"cpu": cpu_name(), "cpu_flags": flags, "cores": os.cpu_count(), "load_before": load_before},
+        "rounds": repeats,
+        "seconds": {
+            name: {
+                "median": round(statistics.median(values), 2),
+                "min": round(min(values), 2),
+                "max": round(max(values), 2),
+            }
+            for name, values in seconds.items()
+        },
+    }
+
+
+def print_answers(report: dict[str, Any]) -> None:
+    machine = report["machine"]
+    print(
+        f"{machine['cpu']} ({' '.join(machine['cpu_flags']) or 'no AVX2/AVX-512/AMX'}), {machine['cores']} cores, "
+        f"load average {machine['load_before']} before; whole processes, median of {report['rounds']} "
+        "interleaved rounds"
+    )
+    for name, seconds in report["seconds"].items():
+        print(f"  {name:42} {seconds['median']:5.2f} s  ({seconds['min']:.2f}-{seconds['max']:.2f})")
+
+
 def time_whole_runs(repeats: int, data_dir: Path, scratch: Path) -> dict[str, Any]:
     """The default run end to end (`python -m mnist_lit.train`: 10 epochs, validation after each,
     checkpoints, TensorBoard, the test) and `mnist_lit.plain_loop` doing the same work, as whole
@@ -435,6 +487,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
     parser.add_argument("--no-startup", action="store_true", help="skip timing the startup commands")
     parser.add_argument(
+        "--answers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time only what answers before training (--help, --cfg job, refused settings, Tab), N rounds",
+    )
+    parser.add_argument(
         "--whole-runs",
         type=int,
         default=0,
@@ -574,8 +633,12 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     with reported_as_exit():
-        report = run(args)
-        print_report(report)
+        if args.answers:
+            report = time_answers(args.answers)
+            print_answers(report)
+        else:
+            report = run(args)
+            print_report(report)
         if args.json is not None:
             from mnist_lit.files import write_json_atomically
 

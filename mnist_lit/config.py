@@ -5,7 +5,9 @@ of `model` are `MNISTClassifier`'s arguments, those of `data` `MNISTDataModule`'
 of `lightning.Trainer`'s, and of each logger and callback in conf/ its class's. A new constructor
 argument is a new config key with nothing else to write. Hydra merges the YAML files in conf/ onto
 these schemas, so a misspelt key or a value of the wrong type fails at composition with its full
-name; the YAML files hold only what differs from the defaults.
+name; the YAML files hold only what differs from the defaults. Composition reads these schemas
+from the snapshot that mnist_lit/schemas.py generates ahead (`make schemas`), so it imports neither
+torch nor Lightning; a test fails when the snapshot and the live signatures differ.
 
 What OmegaConf cannot type (unions, literals other than strings, the arguments of a `_target_`
 added from the command line) `build` checks against the same signatures with pydantic before it
@@ -230,49 +232,26 @@ _RUN_TAG = secrets.token_hex(3)
 
 
 def register() -> None:
-    """Make the schemas and the `${run_tag:}` resolver known to Hydra (idempotent)."""
-    from hydra_zen import kwargs_of
-    from lightning import Trainer
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+    """Make the schemas and the `${run_tag:}` resolver known to Hydra (idempotent). The schemas are
+    the shipped snapshot of the constructors' signatures (mnist_lit/schemas.py): composing a config
+    imports neither torch nor Lightning."""
+    from mnist_lit.schemas import current
+    from mnist_lit.speed import share_the_config_store_in_hydra_copies
 
-    from mnist_lit import callbacks, views
-    from mnist_lit.augment import BatchAugment
-    from mnist_lit.data import MNISTDataModule
-    from mnist_lit.module import MNISTClassifier
-
+    share_the_config_store_in_hydra_copies()
+    schemas = current()
     store = ConfigStore.instance()
-    trainer = schema(Trainer)
-    model = schema(MNISTClassifier, augment=kwargs_of(BatchAugment, zen_exclude=("size",)))
-    store.store(name="train_schema", node=TrainConfig(data=schema(MNISTDataModule), model=model, trainer=trainer))
+    train = TrainConfig(data=schemas["data"], model=schemas["model"], trainer=schemas["trainer"])
+    store.store(name="train_schema", node=train)
     # eval and export: where the files are; every other data setting comes from the checkpoint.
-    location = schema(MNISTDataModule, zen_exclude=lambda name: name not in ("root", "mirror"))
-    store.store(name="eval_schema", node=EvalConfig(data=location, trainer=trainer))
+    store.store(name="eval_schema", node=EvalConfig(data=schemas["data_location"], trainer=schemas["trainer"]))
     store.store(name="predict_schema", node=PredictConfig)
-    store.store(name="export_schema", node=ExportConfig(data=location))
+    store.store(name="export_schema", node=ExportConfig(data=schemas["data_location"]))
     # What conf/logger/*.yaml and conf/callbacks/*.yaml build on: `- /schema/logger/csv@csv`.
-    for name, target in {
-        "tensorboard": TensorBoardLogger,
-        "csv": CSVLogger,
-        "mlflow": MLFlowLogger,
-        "wandb": WandbLogger,
-    }.items():
-        store.store(group="schema/logger", name=name, node=schema(target))
-    for name, target in {
-        "model_checkpoint": ModelCheckpoint,
-        "early_stopping": EarlyStopping,
-        "lr_monitor": callbacks.StepLearningRateMonitor,
-        "stop_on_divergence": callbacks.StopOnDivergence,
-        "population_batch_norm": callbacks.PopulationBatchNorm,
-        "test_report": callbacks.ClassificationReport,
-        "histograms": callbacks.ParameterHistograms,
-        "embeddings": views.Embeddings,
-        "pr_curves": views.PRCurves,
-        "first_layer": views.FirstLayerWeights,
-        "graph": views.ModelGraph,
-        "progress": callbacks.progress_display,
-    }.items():
-        store.store(group="schema/callbacks", name=name, node=schema(target))
+    for key, node in schemas.items():
+        group, _, name = key.partition("/")
+        if name:
+            store.store(group=f"schema/{group}", name=name, node=node)
     # A per-process tag so two runs started in the same second never share a folder; cached,
     # so every job of one sweep resolves the same sweep folder.
     if not OmegaConf.has_resolver("run_tag"):

@@ -75,12 +75,18 @@ def print_config_tree(cfg: DictConfig, output_dir: Path) -> None:
 def cli() -> None:
     """`mnist-train`, as `python -m mnist_lit.train`: resume= and a typed storage password are handled
     before Hydra sees the arguments."""
-    from mnist_lit.resume import expand_resume
     from mnist_lit.search.storage import password_to_environment
     from mnist_lit.speed import exit_without_collecting_garbage
 
     with reported_as_exit():
-        sys.argv[1:] = expand_resume(password_to_environment(sys.argv[1:]))
+        args = password_to_environment(sys.argv[1:])
+        # mnist_lit.resume imports torch and Lightning: only a run that goes on pays for them
+        # before --help, --cfg job or a misspelt key is answered.
+        if any(arg.startswith("resume=") for arg in args):
+            from mnist_lit.resume import expand_resume
+
+            args = expand_resume(args)
+        sys.argv[1:] = args
     main()
     exit_without_collecting_garbage()
 

@@ -276,3 +276,25 @@ def test_frozen_objects_are_left_out_of_garbage_collection() -> None:
         gc.enable()
     gc.collect()
     assert finalized == [True]
+
+
+def test_hydra_copies_of_the_config_repository_share_the_config_store() -> None:
+    # What share_the_config_store_in_hydra_copies relies on: Hydra copies its whole repository for each
+    # question it asks of it, and the copy reaches the ConfigStore through its structured-config source.
+    # If Hydra stops copying, this fails and the trick can go.
+    import copy
+    import inspect
+
+    from hydra._internal.config_repository import CachingConfigRepository, ConfigRepository
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_store import ConfigStore
+
+    assert "copy.deepcopy(delegate)" in inspect.getsource(CachingConfigRepository.__init__)
+    repository = ConfigRepository(config_search_path=create_config_search_path(str(CONF_DIR)))
+    stores = [
+        source.store for source in CachingConfigRepository(repository).delegate.sources if hasattr(source, "store")
+    ]
+    assert (
+        len(stores) == 1 and stores[0] is ConfigStore.instance()
+    )  # shared by the copy (register() applied the trick), not copied
+    assert copy.deepcopy(ConfigStore.instance()) is ConfigStore.instance()

@@ -122,6 +122,7 @@ def test_wheel_carries_every_config_and_the_plugin(installed: InstalledWheel) ->
     assert {"mnist_lit/conf/experiment/best_mlp.yaml", "mnist_lit/conf/hydra/launcher/slurm.yaml"} <= configs
     assert configs <= names, sorted(configs - names)
     assert {"mnist_lit/conf/__init__.py", "mnist_lit/train.py", "hydra_plugins/mnist_lit_optuna.py"} <= names
+    assert "mnist_lit/schemas.json" in names  # the config schemas, generated ahead (mnist_lit/schemas.py)
     # The commands as console scripts, beside the `python -m` forms.
     scripts = {
         line.split(" = ")[0]: line.split(" = ")[1]
@@ -162,7 +163,9 @@ def test_installed_wheel_trains_and_evaluates_from_another_folder(
     # Relative data and checkpoint paths, as a user types them: they resolve against the current folder.
     # The data folder is the default one, data/ (no data.root given).
     data = [override for override in synthetic_mnist.overrides(Path("data")) if not override.startswith("data.root=")]
-    run_installed(installed, "mnist_lit.train", *FAST_TRAIN, *data, cwd=tmp_path)
+    trained = run_installed(installed, "mnist_lit.train", *FAST_TRAIN, *data, cwd=tmp_path)
+    # The shipped schemas were generated from what the wheel holds: no falling back to the live signatures.
+    assert "live signatures" not in trained.stderr, trained.stderr
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
     # The wheel's configs composed it: the defaults of conf/ and the constructors' signatures.
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
