@@ -6,15 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 from omegaconf import DictConfig
 
-from mnist_lit.checkpoint import load_classifier
 from mnist_lit.config import arguments, register, require
-from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import reported_as_exit
 from mnist_lit.files import write_json_atomically
-from mnist_lit.run import final_metrics, trainer_arguments
 from mnist_lit.speed import exit_without_collecting_garbage
 from mnist_lit.startup import prepare_process
 
@@ -24,6 +20,13 @@ register()
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test a checkpoint on the official test set with the data settings it was trained with;
     write and print the metrics. The same checkpoint gives the same numbers as its run's test."""
+    # Here, not at the top: --help, --cfg job and a refused key answer without torch and Lightning.
+    import lightning as L
+
+    from mnist_lit.checkpoint import load_classifier
+    from mnist_lit.data import MNISTDataModule
+    from mnist_lit.run import final_metrics, trainer_arguments
+
     require(cfg, "ckpt_path", "python -m mnist_lit.eval ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt")
     trainer_kwargs = trainer_arguments(cfg.trainer)
     model, data_hparams = load_classifier(cfg.ckpt_path)

@@ -5,20 +5,20 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
-from torch import Tensor, nn
 
-from mnist_lit.checkpoint import load_classifier
 from mnist_lit.config import arguments, register, require
 from mnist_lit.errors import ConfigError, ExportError, reported_as_exit
 from mnist_lit.files import atomic_path, checked_output
-from mnist_lit.preprocess import MNIST_MEAN, MNIST_STD
+from mnist_lit.mnist import MNIST_MEAN, MNIST_STD
 from mnist_lit.speed import exit_without_collecting_garbage
 from mnist_lit.startup import prepare_process
+
+if TYPE_CHECKING:  # torch is imported where used: --help, --cfg job and a refused key answer without it
+    from torch import Tensor, nn
 
 register()
 
@@ -46,6 +46,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     suffix = EXPORT_SUFFIXES[kind]
     if cfg.output is not None and Path(cfg.output).suffix != suffix:
         raise ConfigError(f"output={cfg.output}: with format={kind} the file name must end in {suffix}.")
+    from mnist_lit.checkpoint import load_classifier
+
     model, data_hparams = load_classifier(cfg.ckpt_path)
     output = checked_output(cfg.output or str(Path(cfg.ckpt_path).with_suffix(suffix)), "output")
     mean, std = data_hparams.get("mean", MNIST_MEAN), data_hparams.get("std", MNIST_STD)
@@ -84,15 +86,21 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 
 def example_batch() -> Tensor:
+    import torch
+
     # Two rows, not one: torch.export specializes a dimension of size 1 to a constant.
     return torch.zeros(2, *EXPORT_INPUT_SHAPE)
 
 
 def dynamic_batch() -> tuple[dict[int, Any]]:
+    import torch
+
     return ({0: torch.export.Dim("batch", min=1)},)
 
 
 def export_onnx(net: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    import torch
+
     program = torch.onnx.export(
         net,
         (example_batch(),),
@@ -108,18 +116,23 @@ def export_onnx(net: nn.Module, path: Path, metadata: dict[str, str]) -> None:
 
 
 def export_pt2(net: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    import torch
+
     program = torch.export.export(net, (example_batch(),), dynamic_shapes=dynamic_batch())
     torch.export.save(program, path, extra_files={"mnist_lit.json": json.dumps(metadata)})
 
 
 def onnx_runner(path: Path) -> Any:
     import onnxruntime
+    import torch
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
 
 
 def pt2_runner(path: Path) -> Any:
+    import torch
+
     return torch.export.load(path).module()
 
 
@@ -134,6 +147,8 @@ def official_test_set(cfg: DictConfig, data_hparams: dict[str, Any]) -> tuple[Te
 
 
 def compare(net: nn.Module, run: Any, images: Tensor, labels: Tensor) -> dict[str, Any]:
+    import torch
+
     batch = images.reshape(-1, *EXPORT_INPUT_SHAPE)
     with torch.inference_mode():
         expected = net(batch)

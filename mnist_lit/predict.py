@@ -12,11 +12,9 @@ from typing import Any
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, ListConfig
 from PIL import Image
 
-from mnist_lit.checkpoint import load_classifier
 from mnist_lit.config import register, require
 from mnist_lit.errors import ConfigError, reported_as_exit
 from mnist_lit.files import checked_output, make_folder, write_atomically
@@ -95,6 +93,11 @@ def predict(cfg: DictConfig) -> list[Prediction]:
     Unreadable inputs are reported per file and skipped. Raises ImageError only when no input
     could be predicted at all (after printing and writing what happened to each).
     """
+    # Here, not at the top: --help, --cfg job and a refused key answer without torch and Lightning.
+    import torch
+
+    from mnist_lit.checkpoint import load_classifier
+
     example = "ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt inputs=[a.png,photos/]"
     require(cfg, "ckpt_path", example)
     require(cfg, "inputs", example)

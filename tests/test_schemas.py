@@ -174,21 +174,23 @@ def test_other_versions_fall_back_to_the_live_signatures_once(
 
 
 @pytest.mark.parametrize(
-    ("args", "said"),
+    ("command", "said"),
     [
-        (["--help"], "== Configuration groups =="),
-        (["--cfg", "job"], "optimizer: adamw"),
-        (["model.hiden=[64]"], "Key 'hiden' not in 'MNISTClassifierConf'"),
-        (["model.optimizer=rmsprop"], "Invalid value 'rmsprop', expected one of [adam, adamw, sgd]"),
-        (["-sc", "query=bash"], "experiment="),
+        ("mnist_lit.train --help", "== Configuration groups =="),
+        ("mnist_lit.train --cfg job", "optimizer: adamw"),
+        ("mnist_lit.train model.hiden=[64]", "Key 'hiden' not in 'MNISTClassifierConf'"),
+        ("mnist_lit.train model.optimizer=rmsprop", "Invalid value 'rmsprop', expected one of [adam, adamw, sgd]"),
+        ("mnist_lit.train -sc query=bash", "experiment="),
+        ("mnist_lit.eval --help", "== Config =="),
+        ("mnist_lit.predict --cfg job", "top_k: 3"),
+        ("mnist_lit.export format=tflite", "Invalid value 'tflite', expected one of [onnx, pt2]"),
     ],
-    ids=" ".join,
 )
-def test_answers_before_training_import_neither_torch_nor_lightning(args: list[str], said: str) -> None:
+def test_answers_before_any_work_import_neither_torch_nor_lightning(command: str, said: str) -> None:
     """What makes them answer in well under a second (README, Instant answers): a new process
     is the only way to see what a command imports."""
     ran = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "mnist_lit.train", *args],
+        [sys.executable, "-X", "importtime", "-m", *command.split()],
         cwd=PROJECT_ROOT,
         env={"PATH": "/usr/bin:/bin", "COMP_LINE": "mnist-train ", "COMP_POINT": "12"},
         capture_output=True,
@@ -197,4 +199,5 @@ def test_answers_before_training_import_neither_torch_nor_lightning(args: list[s
     )
     imported = {line.rsplit("|", 1)[1].strip() for line in ran.stderr.splitlines() if line.startswith("import time:")}
     assert said in ran.stdout + ran.stderr
-    assert not imported & {"torch", "lightning", "hydra_zen"}, sorted(imported & {"torch", "lightning", "hydra_zen"})
+    heavy = {"torch", "lightning", "hydra_zen"}
+    assert not imported & heavy, sorted(imported & heavy)
