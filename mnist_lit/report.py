@@ -484,6 +484,31 @@ RESULTS_BEGIN = "<!-- results:begin (written by `make results`; edits here are o
 RESULTS_END = "<!-- results:end -->"
 
 
+def merged_table(old: str, table: str) -> str:
+    """`table`'s configurations and the rows of `old` (a table of `groups_table`'s) for those it
+    lacks, each with the published row under it, best mean test/acc first."""
+
+    def configurations(text: str) -> list[list[str]]:
+        rows = [line for line in text.splitlines() if line.startswith("|")][2:]  # below the header
+        found: list[list[str]] = []
+        for row in rows:
+            if row.startswith("| ↳") and found:
+                found[-1].append(row)
+            else:
+                found.append([row])
+        return found
+
+    def cells(row: str) -> list[str]:
+        return [cell.strip() for cell in row.strip("|").split("|")]
+
+    new = configurations(table)
+    given = {cells(rows[0])[0] for rows in new}
+    kept = [rows for rows in configurations(old) if cells(rows[0])[0] not in given]
+    ordered = sorted(new + kept, key=lambda rows: -float(cells(rows[0])[4].split(" ±")[0]))
+    header = table.splitlines()[:2]
+    return "\n".join([*header, *(row for rows in ordered for row in rows)]) + "\n"
+
+
 def machine_description() -> str:
     """CPU model and core count (or the GPU), and the library versions: what the timings depend on."""
     import platform
@@ -497,13 +522,16 @@ def machine_description() -> str:
     return f"{device}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def write_readme_results(readme: Path, table: str) -> None:
-    """Replace the results block of `readme` (between its markers) with `table` and the machine."""
+def write_readme_results(readme: Path, table: str, keep_other_rows: bool = False) -> None:
+    """Replace the results block of `readme` (between its markers) with `table` and the machine;
+    with `keep_other_rows`, the configurations `table` lacks keep their rows (one preset rerun)."""
     text = readme.read_text()
     if RESULTS_BEGIN not in text or RESULTS_END not in text:
         raise ReportError(f"{readme} has no results block: add the lines {RESULTS_BEGIN} and {RESULTS_END}")
     head, rest = text.split(RESULTS_BEGIN, 1)
-    _, tail = rest.split(RESULTS_END, 1)
+    old, tail = rest.split(RESULTS_END, 1)
+    if keep_other_rows:
+        table = merged_table(old, table)
     block = f"{RESULTS_BEGIN}\n{table}\nMachine: {machine_description()}.\n{RESULTS_END}"
     _replace_atomically(readme, lambda partial: partial.write_text(head + block + tail))
 
@@ -556,6 +584,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help="with --by-seed: also put the table and this machine into FILE's results block (make results)",
     )
+    parser.add_argument(
+        "--keep-other-rows",
+        action="store_true",
+        help="with --readme: keep the rows of configurations these runs lack (make results PRESET=<name>)",
+    )
     return parser.parse_args(argv)
 
 
@@ -580,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.readme:
             if not args.by_seed:
                 raise ReportError("--readme writes the per-configuration table: add --by-seed")
-            write_readme_results(args.readme, table)
+            write_readme_results(args.readme, table, keep_other_rows=args.keep_other_rows)
             print(f"\nResults written into {args.readme}")
         if args.csv:
             write_csv(runs, args.csv)

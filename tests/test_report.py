@@ -316,6 +316,29 @@ def test_readme_results_block_is_replaced_with_the_table_and_machine(tmp_path: P
         write_readme_results(readme, "| a |\n")
 
 
+def test_one_preset_rerun_replaces_its_row_and_keeps_the_others(tmp_path: Path) -> None:
+    header = (
+        "| overrides | seeds | hidden | params | test/acc | val/acc_best | fit time per run |\n"
+        "|---|---:|---|---:|---:|---:|---:|\n"
+    )
+    old = (
+        header
+        + "| experiment=a | 3 (0,1,2) | [8] | 1 | 0.9900 ± 0.0001 | 0.9 ± 0.1 | 1.0 ± 0.1 s |\n"
+        + "| ↳ Someone 2015 | — | [8] | 1 | 0.9910 ± 0.0001 | — | — |\n"
+        + "| experiment=b | 3 (0,1,2) | [8] | 1 | 0.9700 ± 0.0001 | 0.9 ± 0.1 | 9.0 ± 0.1 s |\n"
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{RESULTS_BEGIN}\n{old}\nMachine: then.\n{RESULTS_END}\n")
+    rerun = header + "| experiment=b | 3 (0,1,2) | [8] | 1 | 0.9950 ± 0.0002 | 0.9 ± 0.1 | 2.0 ± 0.1 s |\n"
+    write_readme_results(readme, rerun, keep_other_rows=True)
+    assert [row[:2] for row in rows(readme.read_text())] == [
+        ["experiment=b", "3 (0,1,2)"],  # rerun, and now the best
+        ["experiment=a", "3 (0,1,2)"],
+        ["↳ Someone 2015", "—"],  # still under its preset
+    ]
+    assert rows(readme.read_text())[0][4] == "0.9950 ± 0.0002"
+
+
 def test_readme_results_cover_the_default_over_five_seeds_and_every_preset_over_three() -> None:
     """The README table comes from `make results`; a preset added since then is missing from it."""
     readme = (PROJECT_ROOT / "README.md").read_text()
