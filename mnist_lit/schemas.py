@@ -130,11 +130,13 @@ def cache_folder() -> Path:
 def fingerprint(sources: typing.Iterable[str] | None) -> dict[str, Any]:
     """The library versions and mnist_lit source files (hashed) that the schemas depend on."""
     if sources is None:
-        sources = [
-            str(Path(module.__file__).relative_to(PACKAGE_DIR))
+        files = [
+            Path(module.__file__)
             for name, module in sorted(sys.modules.items())
             if name.startswith("mnist_lit.") and getattr(module, "__file__", None)
         ]
+        # mnist_lit.conf is the configs' folder, conf/, outside the package folder in a checkout.
+        sources = [str(file.relative_to(PACKAGE_DIR)) for file in files if file.is_relative_to(PACKAGE_DIR)]
     return {
         "libraries": {name: _installed(name) for name in LIBRARIES},
         "sources": {path: _digest(PACKAGE_DIR / path) for path in sorted(sources)},
