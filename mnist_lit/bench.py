@@ -347,13 +347,18 @@ def print_answers(report: dict[str, Any]) -> None:
         print(f"  {name:42} {seconds['median']:5.2f} s  ({seconds['min']:.2f}-{seconds['max']:.2f})")
 
 
-def time_whole_runs(repeats: int, data_dir: Path, scratch: Path) -> dict[str, Any]:
-    """The default run end to end (`python -m mnist_lit.train`: 10 epochs, validation after each,
-    checkpoints, TensorBoard, the test) and `mnist_lit.plain_loop` doing the same work, as whole
-    processes, interleaved; wall seconds of each, their median ratio and each one's test accuracy."""
+def time_whole_runs(repeats: int, data_dir: Path, scratch: Path, epochs: int | None = None) -> dict[str, Any]:
+    """The default run end to end (`python -m mnist_lit.train`: 10 epochs, or `epochs`, validation
+    after each, checkpoints, TensorBoard, the test) and `mnist_lit.plain_loop` doing the same work,
+    as whole processes, interleaved; wall seconds of each, their median ratio and each one's test accuracy."""
+    train_epochs = [f"trainer.max_epochs={epochs}"] if epochs else []
+    plain_epochs = ["--epochs", str(epochs)] if epochs else []
     commands = {
-        "mnist_lit": lambda out: [sys.executable, "-m", "mnist_lit.train", f"hydra.run.dir={out}"],
-        "plain": lambda out: [sys.executable, "-m", "mnist_lit.plain_loop", "--data", str(data_dir), "--out", str(out)],
+        "mnist_lit": lambda out: [sys.executable, "-m", "mnist_lit.train", f"hydra.run.dir={out}", *train_epochs],
+        "plain": lambda out: [
+            *(sys.executable, "-m", "mnist_lit.plain_loop", "--data", str(data_dir), "--out", str(out)),
+            *plain_epochs,
+        ],
     }
     seconds: dict[str, list[float]] = {name: [] for name in commands}
     accuracy: dict[str, list[float]] = {name: [] for name in commands}
@@ -501,6 +506,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also time the default run and mnist_lit.plain_loop as whole processes, N times each",
     )
     parser.add_argument(
+        "--whole-run-epochs",
+        type=int,
+        default=None,
+        metavar="E",
+        help="epochs of those whole runs (default: the default run's)",
+    )
+    parser.add_argument(
         "--compare",
         action="append",
         default=[],
@@ -611,7 +623,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch_dir.cleanup()
     if args.whole_runs:
         whole_dir = tempfile.TemporaryDirectory(prefix="mnist_lit_bench_whole_")
-        report["whole_run"] = time_whole_runs(args.whole_runs, datamodule.raw_dir, Path(whole_dir.name))
+        report["whole_run"] = time_whole_runs(
+            args.whole_runs, datamodule.raw_dir, Path(whole_dir.name), args.whole_run_epochs
+        )
         whole_dir.cleanup()
     if not args.no_startup:
         report["startup_s"] = time_startup(args.repeats)

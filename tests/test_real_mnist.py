@@ -45,11 +45,11 @@ def test_the_bench_times_the_default_run_and_the_plain_script_as_whole_processes
         "mnist_lit.bench",
         f"data.mirror={Path(MIRROR).resolve()}",
         *("--batch-sizes", "512", "--steps", "3", "--repeats", "1", "--methods", "plain", "--no-startup"),
-        *("--whole-runs", "1", "--json", str(out)),
+        *("--whole-runs", "1", "--whole-run-epochs", "2", "--json", str(out)),
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     whole = json.loads(out.read_text())["whole_run"]
     assert whole["ratio"] == pytest.approx(whole["seconds"]["mnist_lit"][0] / whole["seconds"]["plain"][0], abs=1e-3)
-    # Both did the real work: 10 epochs to well above 97% on the official test set.
-    assert min(whole["test_acc"]["mnist_lit"] + whole["test_acc"]["plain"]) > 0.97
+    # Both did the real work: 2 epochs of the default recipe to well above 96% on the official test set.
+    assert min(whole["test_acc"]["mnist_lit"] + whole["test_acc"]["plain"]) > 0.96
