@@ -140,7 +140,7 @@ PARALLEL_JOB = textwrap.dedent(
 )
 
 
-@pytest.mark.slow  # four fresh interpreters importing Lightning and MLflow: about 25 s
+@pytest.mark.slow  # three fresh interpreters importing Lightning and MLflow: about 20 s
 def test_parallel_jobs_create_one_mlflow_store_together(tmp_path: Path) -> None:
     """A sweep's parallel jobs (hydra/launcher=joblib) starting on a new mlflow.db: without the lock
     in prepare_mlflow_store, MLflow's table migrations race and leave the database half-migrated."""
@@ -154,7 +154,7 @@ def test_parallel_jobs_create_one_mlflow_store_together(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for job in range(4)
+        for job in range(3)
     ]
     for job in jobs:
         output, _ = job.communicate(timeout=120)
@@ -164,7 +164,7 @@ def test_parallel_jobs_create_one_mlflow_store_together(tmp_path: Path) -> None:
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (experiment,) = [e for e in client.search_experiments() if e.name == "mnist_lit"]
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(run.info.run_name for run in runs) == ["0", "1", "2", "3"]
+    assert sorted(run.info.run_name for run in runs) == ["0", "1", "2"]
     assert {run.info.status for run in runs} == {"FINISHED"}
 
 
