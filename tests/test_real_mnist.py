@@ -50,6 +50,8 @@ def test_the_bench_times_the_default_run_and_the_plain_script_as_whole_processes
     )
     assert result.returncode == 0, result.stdout + result.stderr
     whole = json.loads(out.read_text())["whole_run"]
-    assert whole["ratio"] == pytest.approx(whole["seconds"]["mnist_lit"][0] / whole["seconds"]["plain"][0], abs=1e-3)
+    # The seconds are kept to 0.01 s, the ratio (of the unrounded ones) to 0.001: ~6 s runs differ by up to 0.003.
+    ratio = whole["seconds"]["mnist_lit"][0] / whole["seconds"]["plain"][0]
+    assert whole["ratio"] == pytest.approx(ratio, abs=5e-3)
     # Both did the real work: 2 epochs of the default recipe to well above 96% on the official test set.
     assert min(whole["test_acc"]["mnist_lit"] + whole["test_acc"]["plain"]) > 0.96
