@@ -53,18 +53,15 @@ report: $(INSTALLED)  ## compare runs: make report RUNS=outputs/multiruns/<sweep
 PRESETS := $(sort $(basename $(notdir $(wildcard conf/experiment/*.yaml))))
 
 results: $(INSTALLED)  ## the default over 5 seeds and every conf/experiment preset over 3, into README's results table (~2 h on 2 cores); PRESET=<name>: that preset alone, the other rows kept
-ifdef PRESET
-	rm -rf outputs/results/$(PRESET)
-	$(PYTHON) -m mnist_lit.train -m experiment=$(PRESET) seed=0,1,2 hydra.sweep.dir=outputs/results/$(PRESET)
-	$(PYTHON) -m mnist_lit.report outputs/results/$(PRESET) --by-seed --readme README.md --keep-other-rows
-else
+ifndef PRESET
 	rm -rf outputs/results
 	$(PYTHON) -m mnist_lit.train -m seed=0,1,2,3,4 hydra.sweep.dir=outputs/results/default
-	set -e; for preset in $(PRESETS); do \
+endif
+	set -e; for preset in $(or $(PRESET),$(PRESETS)); do \
+		rm -rf outputs/results/$$preset; \
 		$(PYTHON) -m mnist_lit.train -m experiment=$$preset seed=0,1,2 hydra.sweep.dir=outputs/results/$$preset; \
 	done
-	$(PYTHON) -m mnist_lit.report outputs/results --by-seed --readme README.md
-endif
+	$(PYTHON) -m mnist_lit.report outputs/results$(if $(PRESET),/$(PRESET) --keep-other-rows) --by-seed --readme README.md
 
 predict: $(INSTALLED)  ## make predict ARGS="ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt inputs=[photos/]"
 	$(PYTHON) -m mnist_lit.predict $(ARGS)

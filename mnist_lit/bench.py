@@ -310,6 +310,7 @@ ANSWERS = {
 
 def time_answers(repeats: int) -> dict[str, Any]:
     """Wall seconds of each of `ANSWERS` as a whole process, in `repeats` interleaved rounds."""
+    from mnist_lit.provenance import CPU_FLAGS
     from mnist_lit.speed import cpu_flags
 
     command = Path(sys.executable).with_name("mnist-train")
@@ -321,9 +322,13 @@ def time_answers(repeats: int) -> dict[str, Any]:
             started = time.perf_counter()
             subprocess.run([str(command), *args], env=env, capture_output=True, check=False)
             seconds[name].append(time.perf_counter() - started)
-    flags = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & cpu_flags())
     return {
-        "machine": {"cpu": cpu_name(), "cpu_flags": flags, "cores": os.cpu_count(), "load_before": load_before},
+        "machine": {
+            "cpu": cpu_name(),
+            "cpu_flags": sorted(cpu_flags() & set(CPU_FLAGS)),
+            "cores": os.cpu_count(),
+            "load_before": load_before,
+        },
         "rounds": repeats,
         "seconds": {
             name: {
@@ -535,6 +540,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from mnist_lit.config import build
     from mnist_lit.errors import ConfigError
+    from mnist_lit.provenance import CPU_FLAGS
     from mnist_lit.run import build_run
     from mnist_lit.speed import cpu_flags
     from mnist_lit.startup import prepare_process
@@ -593,7 +599,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if use_cuda else cpu_name(),
             "cpu": cpu_name(),
-            "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+            "cpu_flags": sorted(cpu_flags() & set(CPU_FLAGS)),
             "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
